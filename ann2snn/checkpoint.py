@@ -1,0 +1,134 @@
+"""Loading model weights from PyTorch checkpoint files, safely by default.
+
+Checkpoints found in the wild come wrapped in training-state dicts, carry a
+DataParallel `module.` prefix, or are whole pickled modules. load_state_dict
+turns all of these into a plain name -> tensor mapping, and refuses files that
+need arbitrary code to unpickle unless the caller says the file is trusted.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["CheckpointError", "load_into", "load_state_dict"]
+
+# Training scripts commonly save {'state_dict': ..., 'epoch': ..., 'optimizer': ...}.
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
+_DATA_PARALLEL_PREFIX = "module."
+# weights_only names the class or function it refuses to import as "GLOBAL <module>.<name>",
+# whether it is merely not allowlisted or from a blocked module such as os.
+_REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+)")
+_MAX_LISTED_KEYS = 5
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read, or does not fit the model."""
+
+
+def load_state_dict(path: str | Path, *, trust_pickle: bool = False) -> dict[str, Tensor]:
+    """Read a checkpoint file into a state dict for `nn.Module.load_state_dict`.
+
+    Unwraps {'state_dict'|'model'|'model_state_dict': ...} wrappers and pickled
+    modules, and strips a DataParallel `module.` prefix. Unless trust_pickle is
+    true the file is read with torch.load(weights_only=True), which refuses
+    pickled Python objects instead of running their code.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    # torch.load reports corrupt input as many unrelated exception types
+    # (RuntimeError, EOFError, KeyError, UnpicklingError, ...), so catch broadly.
+    except Exception as error:
+        raise CheckpointError(_describe_load_failure(path, error)) from error
+
+    tensors = {
+        key: value for key, value in _unwrap(loaded).items() if isinstance(key, str) and isinstance(value, Tensor)
+    }
+    if not tensors:
+        raise CheckpointError(f"{path}: no tensors found in the checkpoint ({_describe_contents(loaded)})")
+
+    # Strip only when every key has the prefix: then it came from DataParallel
+    # rather than from a submodule that happens to be called "module".
+    if all(key.startswith(_DATA_PARALLEL_PREFIX) for key in tensors):
+        tensors = {key.removeprefix(_DATA_PARALLEL_PREFIX): value for key, value in tensors.items()}
+    return tensors
+
+
+def load_into(model: nn.Module, path: str | Path, *, trust_pickle: bool = False) -> nn.Module:
+    """Load a checkpoint file into `model` strictly; returns the model.
+
+    Missing and unexpected keys and wrong shapes are reported together in one
+    CheckpointError, before any weight of the model is changed.
+    """
+    state = load_state_dict(path, trust_pickle=trust_pickle)
+    expected = model.state_dict()
+
+    # BatchNorm's own loader fills in num_batches_tracked for checkpoints saved
+    # before PyTorch 0.4.1 (such as the shared ResNet-20), so its absence is fine.
+    missing = [key for key in expected if key not in state and not key.endswith("num_batches_tracked")]
+    unexpected = [key for key in state if key not in expected]
+    wrong_shapes = [
+        f"{key} (checkpoint {tuple(value.shape)}, model {tuple(expected[key].shape)})"
+        for key, value in state.items()
+        if key in expected and value.shape != expected[key].shape
+    ]
+    findings = {"missing keys": missing, "unexpected keys": unexpected, "shape mismatches": wrong_shapes}
+    problems = [f"{len(keys)} {label}: {_abbreviate(keys)}" for label, keys in findings.items() if keys]
+    if problems:
+        raise CheckpointError(f"{path}: does not fit {type(model).__name__}: " + "; ".join(problems))
+
+    try:
+        model.load_state_dict(state, strict=True)
+    # Custom modules can reject a state dict in their own _load_from_state_dict.
+    except RuntimeError as error:
+        raise CheckpointError(f"{path}: does not fit {type(model).__name__}: {' '.join(str(error).split())}") from error
+    return model
+
+
+def _unwrap(loaded: object) -> Mapping[object, object]:
+    if isinstance(loaded, nn.Module):
+        return loaded.state_dict()
+    if not isinstance(loaded, Mapping):
+        return {}
+    for key in _WRAPPER_KEYS:
+        inner = loaded.get(key)
+        if isinstance(inner, (Mapping, nn.Module)):
+            return _unwrap(inner)
+    return loaded
+
+
+def _describe_contents(loaded: object) -> str:
+    if isinstance(loaded, Mapping):
+        return f"top-level keys: {_abbreviate([str(key) for key in loaded])}" if loaded else "an empty dict"
+    return f"a {type(loaded).__name__}"
+
+
+def _describe_load_failure(path: Path, error: Exception) -> str:
+    message = str(error)
+    refused_global = _REFUSED_GLOBAL.search(message)
+    if refused_global:
+        return (
+            f"{path}: contains pickled Python objects ({refused_global.group(1)}), which can run arbitrary code "
+            "when loaded; pass trust_pickle=True (--trust-pickle on the command line) only if the file is trusted"
+        )
+    # weights_only failures bury the actual reason after this marker.
+    reason = message.split("WeightsUnpickler error:", 1)[-1]
+    return f"{path}: not a torch checkpoint, or truncated ({type(error).__name__}: {_first_sentence(reason)})"
+
+
+def _first_sentence(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0].split(". ", 1)[0] if lines else "no details"
+
+
+def _abbreviate(items: list[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED_KEYS])
+    hidden = len(items) - _MAX_LISTED_KEYS
+    return f"{shown}, ... ({hidden} more)" if hidden > 0 else shown

@@ -1,0 +1,43 @@
+"""Errors raised by the compiler, and how they describe the graph nodes they are about."""
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+import torch.fx as fx
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>\S+)\n\s*(?P<code>[^\n]*)')
+
+
+class ConversionError(RuntimeError):
+    """The model cannot be converted as it is; the message says which node(s) and what to change."""
+
+
+def user_frame(stack_trace: str | None) -> str:
+    """The innermost frame of a recorded stack trace that lies outside torch, as 'file:line (code)'."""
+    if not stack_trace:
+        return "source line unknown"
+    frames = [m for m in _FRAME.finditer(stack_trace) if not m["file"].startswith(_TORCH_DIR)]
+    if not frames:
+        return "source line unknown"
+    last = frames[-1]
+    return f'{last["file"]}:{last["line"]} ({last["code"].strip()})'
+
+
+def target_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"{node.target} ({type(gm.get_submodule(node.target)).__name__})"
+    if node.op == "call_function":
+        module = getattr(node.target, "__module__", None) or ""
+        name = getattr(node.target, "__qualname__", None) or getattr(node.target, "__name__", repr(node.target))
+        return f"{module}.{name}" if module else name
+    return str(node.target)
+
+
+def describe_node(gm: fx.GraphModule, node: fx.Node) -> str:
+    """One line naming an FX node: its name, op, target (with module type) and the user's source line."""
+    owner = node.meta.get("module_path")
+    inside = f" inside '{owner}'" if owner else ""
+    return f"node '{node.name}' [{node.op} {target_name(gm, node)}]{inside} at {user_frame(node.stack_trace)}"

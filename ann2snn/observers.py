@@ -1,0 +1,101 @@
+"""Activation statistics and the rules that turn them into clipping thresholds."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+THRESHOLD_RULES = ("max", "percentile", "mse")
+
+
+class HistogramObserver:
+    """Exact running maximum plus a histogram of the (non-negative) activations, per layer or channel.
+
+    The histogram covers [0, R) with R a power of two that grows by doubling (merging bin pairs) when a
+    larger value arrives, so one pass over any iterable suffices and histograms of different shards
+    with the same R add up exactly. Bin width is R / bins <= 2 * max / bins: percentiles are exact to
+    one bin; zeros are counted apart so they neither skew percentiles nor cost error in the search."""
+
+    def __init__(self, per_channel: bool, bins: int = 2048):
+        if bins % 2:
+            raise ValueError("bins must be even")
+        self.per_channel = per_channel
+        self.bins = bins
+        self.max: torch.Tensor | None = None
+        self.hist: torch.Tensor | None = None
+        self.zeros: torch.Tensor | None = None
+        self.range = 0.0
+        self.ndim = 0
+
+    def update(self, y: torch.Tensor) -> None:
+        y = y.detach().float()
+        self.ndim = y.ndim
+        channels = y.transpose(0, 1).reshape(y.shape[1], -1) if self.per_channel else y.reshape(1, -1)
+        count = channels.shape[0]
+        batch_max = channels.amax(1).clamp_min(0.0)
+        if self.max is None:
+            self.max = batch_max
+            self.hist = torch.zeros(count, self.bins, dtype=torch.float64, device=y.device)
+            self.zeros = torch.zeros(count, dtype=torch.float64, device=y.device)
+        else:
+            self.max = torch.maximum(self.max, batch_max)
+        self._grow_range(float(self.max.max()))
+        index = (channels * (self.bins / self.range)).long().clamp_(0, self.bins - 1)
+        index += torch.arange(count, device=y.device).unsqueeze(1) * self.bins
+        self.hist += torch.bincount(index.flatten(), minlength=count * self.bins).view(count, self.bins)
+        self.zeros += (channels <= 0).sum(1)
+
+    def _grow_range(self, top: float) -> None:
+        if self.range == 0.0:
+            self.range = 2.0 ** math.ceil(math.log2(top)) if top > 0 else 1.0
+            if self.range <= top:
+                self.range *= 2
+        while self.range <= top:
+            merged = self.hist.view(self.hist.shape[0], self.bins // 2, 2).sum(2)
+            self.hist = torch.cat([merged, torch.zeros_like(merged)], dim=1)
+            self.range *= 2
+
+    def positive_histogram(self) -> torch.Tensor:
+        hist = self.hist.clone()
+        hist[:, 0] -= self.zeros
+        return hist.clamp_min_(0.0)
+
+    def bin_centers(self) -> torch.Tensor:
+        width = self.range / self.bins
+        return (torch.arange(self.bins, dtype=torch.float64, device=self.hist.device) + 0.5) * width
+
+    def threshold(self, rule: str, levels: int, percentile: float = 99.99) -> torch.Tensor:
+        """Threshold per layer ([1]) or per channel ([C]) by `rule`."""
+        if self.max is None:
+            raise RuntimeError("observer saw no data")
+        if rule == "max":
+            return self.max.clone()
+        if rule == "percentile":
+            return self._percentile(percentile)
+        if rule == "mse":
+            return self._min_mse(levels)
+        raise ValueError(f"unknown threshold rule {rule!r}; choose one of {THRESHOLD_RULES}")
+
+    def _percentile(self, percentile: float) -> torch.Tensor:
+        if not 0 < percentile <= 100:
+            raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+        hist = self.positive_histogram()
+        cumulative = hist.cumsum(1)
+        total = cumulative[:, -1:]
+        first_bin = (cumulative < total * (percentile / 100.0)).sum(1)
+        upper_edge = (first_bin + 1).double() * (self.range / self.bins)
+        return torch.minimum(upper_edge.float(), self.max)
+
+    def _min_mse(self, levels: int, candidates: int = 256) -> torch.Tensor:
+        """The threshold that minimises the mean squared quantization error of this layer's output."""
+        hist = self.positive_histogram()
+        centers = self.bin_centers()
+        fractions = torch.arange(1, candidates + 1, dtype=torch.float64, device=hist.device) / candidates
+        best = []
+        for channel_hist, channel_max in zip(hist.split(16), self.max.double().split(16)):
+            thetas = channel_max.unsqueeze(1) * fractions  # [c, K]
+            step = (thetas / levels).clamp_min(1e-30).unsqueeze(2)  # [c, K, 1]
+            quantized = step * torch.clamp(torch.floor(centers / step + 0.5), 0, levels)
+            error = ((quantized - centers) ** 2 * channel_hist.unsqueeze(1)).sum(2)  # [c, K]
+            best.append(thetas.gather(1, error.argmin(1, keepdim=True)).squeeze(1))
+        return torch.cat(best).float()

@@ -1,0 +1,110 @@
+"""Pass 9 (threshold balancing): fold the value of a spike into the weights that receive it.
+
+After emission every neuron layer is followed by a `Scale(a)`: its spikes are integers and `a` is
+what one spike is worth (scalar, or per channel). This pass moves each Scale forward through ops that
+commute with a positive scaling (pooling, exact max pooling, zero padding, slicing, reshaping) and
+folds it into the next convolution or linear layer (per input channel, groups respected), so those
+layers receive plain integer spikes. Where branches of different scales meet (residual adds,
+concatenations) or the output is reached, the Scale stays as an explicit 1-to-1 weighted synapse."""
+from __future__ import annotations
+
+import copy
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..graph_utils import call_sites, finalize, free_name, is_module
+from ..layers import AVG_POOLS, CONVS, Scale, SpikingMaxPool
+
+_CHANNELWISE_MODULES = AVG_POOLS + (SpikingMaxPool, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d)
+_CHANNELWISE_FUNCTIONS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
+                          F.adaptive_avg_pool2d, F.adaptive_avg_pool3d}
+_RESHAPING_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, operator.getitem, F.pad}
+_RESHAPING_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze"}
+_MEANS = {torch.mean, "mean"}
+
+
+def _commutes(gm: fx.GraphModule, user: fx.Node, factor: torch.Tensor) -> bool:
+    """Whether user(a * x) == a' * user(x) with a' computable: always for channel-preserving ops, and
+    for ops that move or drop elements when a is a scalar."""
+    scalar = factor.numel() == 1
+    if user.op == "call_module":
+        return isinstance(gm.get_submodule(user.target), _CHANNELWISE_MODULES)
+    if user.target in _CHANNELWISE_FUNCTIONS:
+        return True
+    if user.target is F.pad and not scalar:
+        pad = user.args[1] if len(user.args) > 1 else user.kwargs["pad"]
+        return len(pad) <= 2 * (factor.dim() - 2) and (user.args[2] if len(user.args) > 2 else user.kwargs.get("mode", "constant")) == "constant"
+    if not scalar:
+        return False
+    if user.op == "call_function":
+        return user.target in _RESHAPING_FUNCTIONS or user.target in _MEANS
+    return user.op == "call_method" and (user.target in _RESHAPING_METHODS or user.target in _MEANS)
+
+
+def _scale_input_channels(layer: nn.Module, factor: torch.Tensor) -> None:
+    """layer(a * x) == layer'(x): multiply each weight by the factor of the input channel it reads."""
+    weight = layer.weight.data
+    if factor.numel() == 1:
+        weight.mul_(factor.reshape(()))
+        return
+    per_channel = factor.flatten()
+    if isinstance(layer, nn.Linear):
+        weight.mul_(per_channel.unsqueeze(0))
+        return
+    out_channels, in_per_group = weight.shape[:2]
+    group = torch.arange(out_channels, device=weight.device) // (out_channels // layer.groups)
+    channel = group.unsqueeze(1) * in_per_group + torch.arange(in_per_group, device=weight.device)
+    weight.mul_(per_channel[channel].reshape((out_channels, in_per_group) + (1,) * (weight.dim() - 2)))
+
+
+def _split_per_user(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Give each user of a shared Scale its own copy, so each can be moved or folded on its own."""
+    module = gm.get_submodule(node.target)
+    for user in list(node.users)[1:]:
+        path = free_name(gm, node.target)
+        gm.add_submodule(path, copy.deepcopy(module))
+        with gm.graph.inserting_after(node):
+            copy_node = gm.graph.call_module(path, node.args)
+        user.replace_input_with(node, copy_node)
+
+
+def _step(gm: fx.GraphModule, node: fx.Node, sites: dict[str, list[fx.Node]]) -> bool:
+    """Move or fold one Scale node one step forward; False if it must stay where it is."""
+    if len(node.users) > 1:
+        _split_per_user(gm, node)
+        return True
+    if not node.users:
+        return False
+    user = next(iter(node.users))
+    scale = gm.get_submodule(node.target)
+    source = node.args[0]
+    if is_module(gm, user, Scale):
+        gm.get_submodule(user.target).factor.mul_(scale.factor)
+    elif (is_module(gm, user, CONVS + (nn.Linear,)) and user.args[0] is node and len(sites[user.target]) == 1):
+        _scale_input_channels(gm.get_submodule(user.target), scale.factor)
+    elif user.args and user.args[0] is node and list(user.all_input_nodes).count(node) == 1 \
+            and _commutes(gm, user, scale.factor):
+        with gm.graph.inserting_after(user):
+            moved = gm.graph.call_module(node.target, (user,))
+        user.replace_all_uses_with(moved, delete_user_cb=lambda u: u is not moved)
+    else:
+        return False
+    user.replace_input_with(node, source)
+    gm.graph.erase_node(node)
+    return True
+
+
+def balance_thresholds(gm: fx.GraphModule) -> fx.GraphModule:
+    progress = True
+    while progress:
+        progress = False
+        sites = call_sites(gm)
+        for node in list(gm.graph.nodes):
+            if node.graph is gm.graph and is_module(gm, node, Scale) and _step(gm, node, sites):
+                progress = True
+                break
+    return finalize(gm)

@@ -1,0 +1,51 @@
+"""Pass 7 (activation matching): run calibration batches through the float network, collect each
+activation's statistics and set every quantizer's threshold by the chosen rule."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.fx as fx
+
+from ..batching import model_inputs
+from ..errors import ConversionError
+from ..graph_utils import finalize
+from ..layers import QCFSQuantizer
+from ..observers import HistogramObserver
+
+
+@contextmanager
+def observing(model: torch.nn.Module, bins: int = 2048) -> Iterator[dict[str, QCFSQuantizer]]:
+    """While active, every quantizer acts as its float activation and records statistics."""
+    quantizers = {name: m for name, m in model.named_modules() if isinstance(m, QCFSQuantizer)}
+    for quantizer in quantizers.values():
+        quantizer.observer = HistogramObserver(quantizer.per_channel, bins)
+    try:
+        yield quantizers
+    finally:
+        for quantizer in quantizers.values():
+            quantizer.observer = None
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def calibrate_thresholds(gm: fx.GraphModule, batches: Iterable[Any], rule: str = "mse",
+                         percentile: float = 99.99) -> fx.GraphModule:
+    with observing(gm) as quantizers, torch.no_grad():
+        seen = 0
+        for x in model_inputs(batches, _device_of(gm)):
+            gm(x)
+            seen += 1
+        if seen == 0:
+            raise ValueError("the calibration loader yielded no batches")
+        for name, quantizer in quantizers.items():
+            if quantizer.observer.max is None:
+                raise ConversionError(f"activation '{name}' was never reached by the calibration data")
+            quantizer.set_threshold(quantizer.observer.threshold(rule, quantizer.levels, percentile),
+                                    quantizer.observer.ndim)
+    return finalize(gm)

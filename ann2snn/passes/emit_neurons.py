@@ -1,0 +1,83 @@
+"""Pass 8: the QANN becomes a spiking graph.
+
+Each quantizer becomes a neuron layer followed by a `Scale` holding the value of one spike (the layer's
+threshold for rate-coded IF neurons, the quantization step theta/L for signed neurons); biases of conv,
+linear and affine layers become `AddBias` injections consistent with the neuron's coding; max pooling
+becomes exact pooling of accumulated spikes. Everything else stays as synaptic computation."""
+from __future__ import annotations
+
+import copy
+
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..graph_utils import finalize, free_name, insert_module_after, is_module, replace_with_module
+from ..layers import MAX_POOLS, WEIGHTED, AddBias, ChannelAffine, QCFSQuantizer, Scale, SpikingMaxPool
+from ..neurons import IFNeuron, LIFNeuron, SignedNeuron, SpikingNeuron
+
+NEURON_KINDS = ("if", "lif", "signed", "signed-rate")
+_FUNCTIONAL_MAX_POOLS = {F.max_pool1d: nn.MaxPool1d, F.max_pool2d: nn.MaxPool2d, F.max_pool3d: nn.MaxPool3d}
+_MAX_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
+
+
+def make_neuron(quantizer: QCFSQuantizer, kind: str, max_spikes_per_step: int,
+                options: dict | None = None) -> tuple[SpikingNeuron, Scale]:
+    """The neuron standing for a calibrated quantizer, and the value one of its spikes carries.
+    `options` are extra neuron arguments (e.g. decay for 'lif')."""
+    options = options or {}
+    if kind == "if":
+        return IFNeuron(quantizer.theta, max_spikes_per_step, **options), Scale(quantizer.theta)
+    if kind == "lif":
+        return LIFNeuron(quantizer.theta, max_spikes_per_step=max_spikes_per_step, **options), Scale(quantizer.theta)
+    if kind == "signed":
+        step = quantizer.step
+        return SignedNeuron(step, quantizer.levels, max_spikes_per_step, **options), Scale(step)
+    if kind == "signed-rate":
+        return SignedNeuron(quantizer.theta, None, max_spikes_per_step, coding="rate", **options), \
+            Scale(quantizer.theta)
+    raise ValueError(f"unknown neuron {kind!r}; choose one of {NEURON_KINDS}")
+
+
+def coding_of(kind: str) -> str:
+    return "accumulate" if kind == "signed" else "rate"
+
+
+def _functional_max_pool(node: fx.Node) -> nn.Module:
+    kind = _FUNCTIONAL_MAX_POOLS[node.target]
+    given = dict(zip(_MAX_POOL_ARGS, node.args[1:]))
+    given.update({k: v for k, v in node.kwargs.items() if k in _MAX_POOL_ARGS})
+    return kind(**given)
+
+
+def emit_neurons(gm: fx.GraphModule, neuron: str = "if", max_spikes_per_step: int = 1,
+                 neuron_options: dict | None = None) -> fx.GraphModule:
+    once = coding_of(neuron) == "accumulate"
+    for node in list(gm.graph.nodes):
+        if is_module(gm, node, QCFSQuantizer):
+            quantizer = gm.get_submodule(node.target)
+            if not quantizer.calibrated:
+                raise ValueError(f"quantizer '{node.target}' has no threshold: calibrate before emitting neurons")
+            spiking, amplitude = make_neuron(quantizer, neuron, max_spikes_per_step, neuron_options)
+            gm.add_submodule(node.target, spiking)
+            insert_module_after(gm, node, f"{node.target}_amplitude", amplitude)
+        elif is_module(gm, node, WEIGHTED + (ChannelAffine,)):
+            layer = gm.get_submodule(node.target)
+            if layer.bias is None:
+                continue
+            bias = layer.bias.detach()
+            stripped = copy.deepcopy(layer)
+            if isinstance(stripped, ChannelAffine):
+                stripped.bias.zero_()
+            else:
+                stripped.bias = None
+            gm.add_submodule(node.target, stripped)
+            channel_dim = -1 if isinstance(layer, nn.Linear) else 1
+            insert_module_after(gm, node, f"{node.target}_bias", AddBias(bias, once, channel_dim))
+        elif is_module(gm, node, MAX_POOLS):
+            gm.add_submodule(node.target, SpikingMaxPool(gm.get_submodule(node.target)))
+        elif node.op == "call_function" and node.target in _FUNCTIONAL_MAX_POOLS:
+            owner = node.meta.get("module_path")
+            path = f"{owner}.{node.name}" if owner else node.name
+            replace_with_module(gm, node, free_name(gm, path), SpikingMaxPool(_functional_max_pool(node)), node.args[:1])
+    return finalize(gm)

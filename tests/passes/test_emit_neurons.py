@@ -1,0 +1,222 @@
+"""Pass 8 (emit_neurons): quantizers become neuron + Scale, biases become AddBias, max pools become exact."""
+from __future__ import annotations
+
+import copy
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ann2snn
+from ann2snn.layers import WEIGHTED, AddBias, ChannelAffine, QCFSQuantizer, Scale, SpikingMaxPool
+from ann2snn.neurons import IFNeuron, SignedNeuron, SpikingNeuron
+from ann2snn.passes import emit_neurons, insert_quantizers, normalize_activations, trace
+from ann2snn.snn import SpikingNetwork
+
+
+def randomize_bn(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False)
+        self.conv3 = nn.Conv2d(6, 6, 1)
+        self.bn = nn.BatchNorm2d(6)  # after an add: stays a ChannelAffine
+        self.pool = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(6 * 2 * 2, 10)
+        self.fc2 = nn.Linear(10, 4)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        y = self.bn(self.conv2(x) + self.conv3(x)).clamp(0, 4)
+        y = F.max_pool2d(self.pool(y), kernel_size=2, stride=2)
+        return self.fc2(torch.relu(self.fc1(y.flatten(1))))
+
+
+def calibration():
+    torch.manual_seed(7)
+    return [torch.randn(16, 3, 8, 8) for _ in range(2)]
+
+
+@pytest.fixture(scope="module")
+def qanns():
+    torch.manual_seed(0)
+    model = randomize_bn(Net()).eval()
+    return {pc: ann2snn.quantize(model, calibration(), 3, per_channel=pc) for pc in (False, True)}
+
+
+def modules_of(gm, types):
+    return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), types)]
+
+
+@pytest.mark.parametrize("kind", ["if", "signed"])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_quantizers_become_neuron_and_scale(qanns, kind: str, per_channel: bool) -> None:
+    qann = qanns[per_channel]
+    quantizers = {n.target: qann.get_submodule(n.target) for n in modules_of(qann, QCFSQuantizer)}
+    assert len(quantizers) == 3
+    gm = emit_neurons(copy.deepcopy(qann), neuron=kind)
+
+    assert not modules_of(gm, QCFSQuantizer)
+    neurons = modules_of(gm, SpikingNeuron)
+    assert [n.target for n in neurons] == list(quantizers)
+    for node in neurons:
+        q, neuron = quantizers[node.target], gm.get_submodule(node.target)
+        assert type(neuron) is (IFNeuron if kind == "if" else SignedNeuron)
+        value = q.theta if kind == "if" else q.theta / q.levels
+        torch.testing.assert_close(neuron.v_threshold, value, rtol=1e-6, atol=0)
+        if kind == "signed":
+            assert neuron.levels == q.levels
+        # exactly one user: the Scale carrying the value of one spike
+        assert len(node.users) == 1
+        (scale_node,) = node.users
+        scale = gm.get_submodule(scale_node.target)
+        assert isinstance(scale, Scale)
+        torch.testing.assert_close(scale.factor, value, rtol=1e-6, atol=0)
+    assert len(modules_of(gm, Scale)) == 3
+
+
+@pytest.mark.parametrize("kind", ["if", "signed"])
+def test_biases_become_add_bias(qanns, kind: str) -> None:
+    qann = qanns[False]
+    biased = {n.target: qann.get_submodule(n.target).bias for n in modules_of(qann, WEIGHTED + (ChannelAffine,))}
+    biased = {k: (None if b is None else b.detach().clone()) for k, b in biased.items()}
+    # conv2 (bias=False) feeds an add, so the BN is not folded into it and it stays bias-free
+    assert sorted(k for k, b in biased.items() if b is not None) == ["bn", "conv1", "conv3", "fc1", "fc2"]
+    assert biased["conv2"] is None
+    gm = emit_neurons(copy.deepcopy(qann), neuron=kind)
+    for node in modules_of(gm, WEIGHTED + (ChannelAffine,)):
+        layer = gm.get_submodule(node.target)
+        if isinstance(layer, ChannelAffine):
+            assert torch.count_nonzero(layer.bias) == 0
+        else:
+            assert layer.bias is None
+        torch.testing.assert_close(layer.weight, qann.get_submodule(node.target).weight, rtol=0, atol=0)
+        if biased.get(node.target) is None:
+            continue
+        (user,) = node.users
+        add = gm.get_submodule(user.target)
+        assert isinstance(add, AddBias)
+        torch.testing.assert_close(add.bias, biased[node.target].flatten(), rtol=0, atol=0)
+        assert add.once is (kind == "signed")
+        assert add.channel_dim == (-1 if isinstance(layer, nn.Linear) else 1)
+    assert len(modules_of(gm, AddBias)) == sum(b is not None for b in biased.values())
+
+
+def test_max_pools_become_spiking_max_pools(qanns) -> None:
+    gm = emit_neurons(copy.deepcopy(qanns[False]), neuron="signed")
+    pools = modules_of(gm, SpikingMaxPool)
+    assert len(pools) == 2
+    assert not [n for n in gm.graph.nodes if n.target is F.max_pool2d]
+    # every remaining nn.MaxPool2d is the pooling function inside a SpikingMaxPool
+    wrapped = {id(m.pool) for m in gm.modules() if isinstance(m, SpikingMaxPool)}
+    assert all(id(m) in wrapped for m in gm.modules() if isinstance(m, nn.MaxPool2d))
+    for node in pools:
+        inner = gm.get_submodule(node.target).pool
+        assert isinstance(inner, nn.MaxPool2d) and inner.kernel_size == 2 and inner.stride == 2
+    # exact pooling of accumulated inputs: the summed output equals pooling of the summed input
+    pool = gm.get_submodule(pools[0].target)
+    x = torch.randint(-2, 3, (6, 2, 3, 4, 4)).float()
+    pool.reset()
+    pool.set_window(0, 6)
+    out = pool(x.flatten(0, 1)).reshape(6, 2, 3, 2, 2)
+    torch.testing.assert_close(out.cumsum(0), F.max_pool2d(x.cumsum(0).flatten(0, 1), 2).reshape(6, 2, 3, 2, 2))
+
+
+def test_uncalibrated_quantizer_is_rejected() -> None:
+    gm = insert_quantizers(normalize_activations(trace(Net().eval())), qbits=2)
+    with pytest.raises(ValueError, match="no threshold"):
+        emit_neurons(gm, neuron="if")
+    with pytest.raises(ValueError, match="unknown neuron"):
+        emit_neurons(copy.deepcopy(ann2snn.quantize(Net().eval(), calibration(), 2)), neuron="bogus")
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_emitted_signed_network_reproduces_the_qann(qanns, per_channel: bool) -> None:
+    qann = qanns[per_channel]
+    snn = SpikingNetwork(emit_neurons(copy.deepcopy(qann), neuron="signed"), 64, "accumulate")
+    x = torch.randn(5, 3, 8, 8)
+    result = snn.simulate(x, [64], stop_when_quiet=True)
+    assert int(result.steps_used.max()) < 64
+    expected = qann(x).detach()
+    torch.testing.assert_close(result.outputs[64], expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+class SharedConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)  # applied twice (weight sharing)
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+        with torch.no_grad():
+            self.conv.bias.uniform_(0.2, 0.5)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = F.relu(self.conv(x))
+        x = F.relu(self.conv(x))
+        return self.fc(x.flatten(1))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "emit_neurons strips the bias of a shared conv/linear at its first call site and registers the "
+    "bias-free copy under the same path; at the second call site it finds bias None and injects no "
+    "AddBias, so the second application loses its bias"))
+def test_shared_conv_keeps_its_bias_at_every_call_site() -> None:
+    torch.manual_seed(0)
+    qann = ann2snn.quantize(SharedConv().eval(), calibration(), 2)
+    gm = emit_neurons(copy.deepcopy(qann), neuron="signed")
+    conv_nodes = [n for n in gm.graph.nodes if n.target == "conv"]
+    assert len(conv_nodes) == 2
+    for node in conv_nodes:
+        assert any(isinstance(gm.get_submodule(u.target), AddBias) for u in node.users if u.op == "call_module")
+    snn = SpikingNetwork(gm, 64, "accumulate")
+    x = torch.randn(3, 3, 8, 8)
+    torch.testing.assert_close(snn.simulate(x, [64]).outputs[64], qann(x), rtol=1e-5, atol=1e-5)
+
+
+class ConstantCurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x + 0.5))  # a constant added between two neuron layers
+        return self.fc(x.flatten(1))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a constant added between neuron layers (x + 0.5, an operator.add accepted by check_supported) is "
+    "not turned into a once-injected bias: with accumulate coding (signed neurons) the body adds it at "
+    "every step, so the SNN output drifts away from the QANN (padding with a non-zero value is rejected "
+    "for exactly this reason, a plain constant add is not)"))
+def test_constant_add_between_layers_with_signed_neurons() -> None:
+    torch.manual_seed(0)
+    snn = ann2snn.convert(ConstantCurrent().eval(), calibration(), qbits=2, T=64, neuron="signed")
+    x = torch.randn(3, 3, 8, 8)
+    expected = snn.qann(x).detach()
+    torch.testing.assert_close(snn(x), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_constant_add_is_kept_after_the_scale() -> None:
+    # the constant add stays an operator.add node reading the neuron's Scale
+    torch.manual_seed(0)
+    qann = ann2snn.quantize(ConstantCurrent().eval(), calibration(), 2)
+    gm = emit_neurons(copy.deepcopy(qann), neuron="if")
+    add = next(n for n in gm.graph.nodes if n.target is operator.add)
+    assert isinstance(gm.get_submodule(add.args[0].target), Scale) and add.args[1] == 0.5
