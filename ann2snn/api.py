@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 from functools import partial
 from typing import Any, Iterable
@@ -14,6 +15,8 @@ from .passes import (balance_thresholds, calibrate_thresholds, check_supported, 
 from .passes.emit_neurons import NEURON_KINDS, coding_of
 from .passes.insert_quantizers import check_qbits
 from .observers import THRESHOLD_RULES
+from .batching import batch_input
+from .passes.calibrate_thresholds import device_of
 from .pipeline import Pipeline
 from .snn import SpikingNetwork, _check_steps
 
@@ -29,10 +32,11 @@ def _eval_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).eval()
 
 
-def prepare_pipeline() -> Pipeline:
-    """Trace and normalise: the graph every later stage (and `ann2snn inspect`) starts from."""
+def prepare_pipeline(example_input=None) -> Pipeline:
+    """Trace and normalise: the graph every later stage (and `ann2snn inspect`) starts from. An example
+    input records tensor shapes, which lets a Linear + BatchNorm1d pair fold (else it stays affine)."""
     return Pipeline([
-        ("trace", trace),
+        ("trace", partial(trace, example_input=example_input)),
         ("normalize_activations", normalize_activations),
         ("remove_identities", remove_identities),
         ("fold_batchnorm", fold_batchnorm),
@@ -48,9 +52,15 @@ def quantize(model: nn.Module, calib_loader: Iterable[Any], qbits: int = 4, *,
     check_qbits(qbits)
     if threshold_rule not in THRESHOLD_RULES:
         raise ValueError(f"unknown threshold rule {threshold_rule!r}; choose one of {THRESHOLD_RULES}")
-    pipeline = Pipeline(prepare_pipeline().passes + [
+    batches = iter(calib_loader)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError("the calibration loader yielded no batches")
+    example = batch_input(first)[:1].to(device_of(model))
+    pipeline = Pipeline(prepare_pipeline(example).passes + [
         ("insert_quantizers", partial(insert_quantizers, qbits=qbits, per_channel=per_channel)),
-        ("calibrate_thresholds", partial(calibrate_thresholds, batches=calib_loader, rule=threshold_rule,
+        ("calibrate_thresholds", partial(calibrate_thresholds, batches=itertools.chain([first], batches),
+                                         rule=threshold_rule,
                                          percentile=percentile)),
     ])
     return pipeline.run(_eval_copy(model))

@@ -8,6 +8,7 @@ import torch
 import torch.fx as fx
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
+_LIBRARY_DIR = os.path.dirname(os.path.abspath(__file__))
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>\S+)\n\s*(?P<code>[^\n]*)')
 
 
@@ -19,7 +20,7 @@ def user_frame(stack_trace: str | None) -> str:
     """The innermost frame of a recorded stack trace that lies outside torch, as 'file:line (code)'."""
     if not stack_trace:
         return "source line unknown"
-    frames = [m for m in _FRAME.finditer(stack_trace) if not m["file"].startswith(_TORCH_DIR)]
+    frames = [m for m in _FRAME.finditer(stack_trace) if not m["file"].startswith((_TORCH_DIR, _LIBRARY_DIR))]
     if not frames:
         return "source line unknown"
     last = frames[-1]

@@ -29,6 +29,9 @@ class HistogramObserver:
 
     def update(self, y: torch.Tensor) -> None:
         y = y.detach().float()
+        if not bool(torch.isfinite(y).all()):
+            raise ValueError("calibration activations contain NaN or Inf: check the calibration data and "
+                             "the model's weights")
         self.ndim = y.ndim
         channels = y.transpose(0, 1).reshape(y.shape[1], -1) if self.per_channel else y.reshape(1, -1)
         count = channels.shape[0]

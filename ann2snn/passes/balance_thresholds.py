@@ -45,6 +45,12 @@ def _commutes(gm: fx.GraphModule, user: fx.Node, factor: torch.Tensor) -> bool:
     return user.op == "call_method" and (user.target in _RESHAPING_METHODS or user.target in _MEANS)
 
 
+def _folds_into(layer: nn.Module, factor: torch.Tensor) -> bool:
+    """A Linear reads features on its last dimension: a per-channel factor (on dim 1) matches it only
+    for 2-D inputs."""
+    return not isinstance(layer, nn.Linear) or factor.numel() == 1 or factor.dim() == 2
+
+
 def _scale_input_channels(layer: nn.Module, factor: torch.Tensor) -> None:
     """layer(a * x) == layer'(x): multiply each weight by the factor of the input channel it reads."""
     weight = layer.weight.data
@@ -84,7 +90,8 @@ def _step(gm: fx.GraphModule, node: fx.Node, sites: dict[str, list[fx.Node]]) ->
     source = node.args[0]
     if is_module(gm, user, Scale):
         gm.get_submodule(user.target).factor.mul_(scale.factor)
-    elif (is_module(gm, user, CONVS + (nn.Linear,)) and user.args[0] is node and len(sites[user.target]) == 1):
+    elif (is_module(gm, user, CONVS + (nn.Linear,)) and user.args[0] is node and len(sites[user.target]) == 1
+          and _folds_into(gm.get_submodule(user.target), scale.factor)):
         _scale_input_channels(gm.get_submodule(user.target), scale.factor)
     elif user.args and user.args[0] is node and list(user.all_input_nodes).count(node) == 1 \
             and _commutes(gm, user, scale.factor):

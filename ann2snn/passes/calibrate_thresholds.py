@@ -28,7 +28,7 @@ def observing(model: torch.nn.Module, bins: int = 2048) -> Iterator[dict[str, QC
             quantizer.observer = None
 
 
-def _device_of(model: torch.nn.Module) -> torch.device:
+def device_of(model: torch.nn.Module) -> torch.device:
     for tensor in list(model.parameters()) + list(model.buffers()):
         return tensor.device
     return torch.device("cpu")
@@ -38,7 +38,7 @@ def calibrate_thresholds(gm: fx.GraphModule, batches: Iterable[Any], rule: str =
                          percentile: float = 99.99) -> fx.GraphModule:
     with observing(gm) as quantizers, torch.no_grad():
         seen = 0
-        for x in model_inputs(batches, _device_of(gm)):
+        for x in model_inputs(batches, device_of(gm)):
             gm(x)
             seen += 1
         if seen == 0:

@@ -31,6 +31,7 @@ LINEAR_FUNCTIONS = {
 }
 LINEAR_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "add", "sub", "add_", "sub_", "neg", "size", "dim"}
 SCALING_OPS = {operator.mul, operator.truediv, torch.mul, torch.div, "mul", "div", "mul_", "div_"}
+DIVISIONS = {operator.truediv, torch.div, "div", "div_"}
 MEAN_OPS = {torch.mean, "mean"}
 
 
@@ -38,7 +39,7 @@ def _value_arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any
     return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
-def _is_shape_value(arg: Any) -> bool:
+def is_shape_value(arg: Any) -> bool:
     """Python ints and tuples from size()/shape, which are not tensors."""
     if not isinstance(arg, fx.Node):
         return True
@@ -46,7 +47,7 @@ def _is_shape_value(arg: Any) -> bool:
         return True
     if arg.op == "call_function" and arg.target is getattr:
         return True
-    return arg.op == "call_function" and arg.target is operator.getitem and _is_shape_value(arg.args[0])
+    return arg.op == "call_function" and arg.target is operator.getitem and is_shape_value(arg.args[0])
 
 
 def unsupported_reason(gm: fx.GraphModule, node: fx.Node) -> str | None:
@@ -62,8 +63,15 @@ def unsupported_reason(gm: fx.GraphModule, node: fx.Node) -> str | None:
         return None if isinstance(module, SUPPORTED_MODULES) else "not a linear synaptic op or a ReLU-like activation"
     target = node.target
     if target in SCALING_OPS:
-        tensors = [a for a in node.args if isinstance(a, fx.Node) and not _is_shape_value(a)]
-        return None if len(tensors) <= 1 else "product of two tensors (not linear in the spikes)"
+        tensors = [a for a in node.args if isinstance(a, fx.Node) and not is_shape_value(a)]
+        if len(tensors) > 1:
+            return "product of two tensors (not linear in the spikes)"
+        if target in DIVISIONS and tensors and node.args[0] is not tensors[0]:
+            return "division by a tensor (not linear in the spikes)"
+        return None
+    if target in (operator.sub, torch.sub) and is_shape_value(node.args[0]) \
+            and not is_shape_value(node.args[1]):
+        return "a constant minus a tensor; write it as -(x - c)"
     if target in MEAN_OPS:
         dims = _value_arg(node, 1, "dim")
         dims = (dims,) if isinstance(dims, int) else dims
@@ -73,7 +81,7 @@ def unsupported_reason(gm: fx.GraphModule, node: fx.Node) -> str | None:
         return None if not value else f"padding with the non-zero value {value} (a constant current)"
     if target is operator.getitem:
         index = node.args[1]
-        if _is_shape_value(node.args[0]):
+        if is_shape_value(node.args[0]):
             return None
         first = index[0] if isinstance(index, tuple) and index else index
         return None if first in (slice(None), Ellipsis) else "indexing that selects along the batch dimension"

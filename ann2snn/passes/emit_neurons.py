@@ -7,18 +7,23 @@ becomes exact pooling of accumulated spikes. Everything else stays as synaptic c
 from __future__ import annotations
 
 import copy
+import operator
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..graph_utils import finalize, free_name, insert_module_after, is_module, replace_with_module
+from .check_supported import is_shape_value
 from ..layers import MAX_POOLS, WEIGHTED, AddBias, ChannelAffine, QCFSQuantizer, Scale, SpikingMaxPool
 from ..neurons import IFNeuron, LIFNeuron, SignedNeuron, SpikingNeuron
 
 NEURON_KINDS = ("if", "lif", "signed", "signed-rate")
 _FUNCTIONAL_MAX_POOLS = {F.max_pool1d: nn.MaxPool1d, F.max_pool2d: nn.MaxPool2d, F.max_pool3d: nn.MaxPool3d}
 _MAX_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
+_OFFSETS = {operator.add: 1.0, torch.add: 1.0, "add": 1.0, "add_": 1.0,
+            operator.sub: -1.0, torch.sub: -1.0, "sub": -1.0, "sub_": -1.0}
 
 
 def make_neuron(quantizer: QCFSQuantizer, kind: str, max_spikes_per_step: int,
@@ -50,9 +55,34 @@ def _functional_max_pool(node: fx.Node) -> nn.Module:
     return kind(**given)
 
 
+def _constant_offset(node: fx.Node) -> tuple[fx.Node, float] | None:
+    """(tensor, c) for `tensor + c`, `c + tensor` or `tensor - c` with a Python number c."""
+    if node.op not in ("call_function", "call_method") or node.target not in _OFFSETS or len(node.args) != 2:
+        return None
+    first, second = node.args
+    numbers = (int, float)
+    if isinstance(first, fx.Node) and is_shape_value(first) or isinstance(second, fx.Node) and is_shape_value(second):
+        return None
+    if isinstance(first, fx.Node) and isinstance(second, numbers) and not isinstance(second, bool):
+        return first, _OFFSETS[node.target] * second
+    if isinstance(second, fx.Node) and isinstance(first, numbers) and _OFFSETS[node.target] > 0:
+        return second, float(first)
+    return None
+
+
+def _strip_bias(layer: nn.Module) -> nn.Module:
+    stripped = copy.deepcopy(layer)
+    if isinstance(stripped, ChannelAffine):
+        stripped.bias.zero_()
+    else:
+        stripped.bias = None
+    return stripped
+
+
 def emit_neurons(gm: fx.GraphModule, neuron: str = "if", max_spikes_per_step: int = 1,
                  neuron_options: dict | None = None) -> fx.GraphModule:
     once = coding_of(neuron) == "accumulate"
+    stripped_biases: dict[str, tuple[torch.Tensor, int]] = {}
     for node in list(gm.graph.nodes):
         if is_module(gm, node, QCFSQuantizer):
             quantizer = gm.get_submodule(node.target)
@@ -62,17 +92,14 @@ def emit_neurons(gm: fx.GraphModule, neuron: str = "if", max_spikes_per_step: in
             gm.add_submodule(node.target, spiking)
             insert_module_after(gm, node, f"{node.target}_amplitude", amplitude)
         elif is_module(gm, node, WEIGHTED + (ChannelAffine,)):
-            layer = gm.get_submodule(node.target)
-            if layer.bias is None:
-                continue
-            bias = layer.bias.detach()
-            stripped = copy.deepcopy(layer)
-            if isinstance(stripped, ChannelAffine):
-                stripped.bias.zero_()
-            else:
-                stripped.bias = None
-            gm.add_submodule(node.target, stripped)
-            channel_dim = -1 if isinstance(layer, nn.Linear) else 1
+            # a layer called at several sites is stripped once; every site gets its own injection
+            if node.target not in stripped_biases:
+                layer = gm.get_submodule(node.target)
+                if layer.bias is None:
+                    continue
+                stripped_biases[node.target] = (layer.bias.detach().clone(), -1 if isinstance(layer, nn.Linear) else 1)
+                gm.add_submodule(node.target, _strip_bias(layer))
+            bias, channel_dim = stripped_biases[node.target]
             insert_module_after(gm, node, f"{node.target}_bias", AddBias(bias, once, channel_dim))
         elif is_module(gm, node, MAX_POOLS):
             gm.add_submodule(node.target, SpikingMaxPool(gm.get_submodule(node.target)))
@@ -80,4 +107,9 @@ def emit_neurons(gm: fx.GraphModule, neuron: str = "if", max_spikes_per_step: in
             owner = node.meta.get("module_path")
             path = f"{owner}.{node.name}" if owner else node.name
             replace_with_module(gm, node, free_name(gm, path), SpikingMaxPool(_functional_max_pool(node)), node.args[:1])
+        elif (offset := _constant_offset(node)) is not None:
+            # a constant current, injected like a bias so that accumulate coding adds it only once
+            tensor, constant = offset
+            replace_with_module(gm, node, free_name(gm, f"{node.name}_offset"),
+                                AddBias(torch.tensor([constant]), once, 1), (tensor,))
     return finalize(gm)

@@ -22,7 +22,15 @@ def _foldable_producer(gm: fx.GraphModule, bn_node: fx.Node, sites: dict[str, li
         return None
     if len(producer.users) != 1 or len(sites[producer.target]) != 1:
         return None
+    if is_module(gm, producer, nn.Linear) and _rank(producer) != 2:
+        # BatchNorm1d normalises dim 1; a Linear's features are its last dim: the same only for 2-D
+        return None
     return producer
+
+
+def _rank(node: fx.Node) -> int | None:
+    meta = node.meta.get("tensor_meta")
+    return len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
 def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:

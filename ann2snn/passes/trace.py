@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import traceback
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import ConversionError, _TORCH_DIR
 from ..graph_utils import finalize
@@ -14,7 +16,7 @@ LEAF_TYPES: tuple[type, ...] = (ClippedReLU, QCFSQuantizer, ChannelAffine, Scale
 
 
 class _RecordingTracer(fx.Tracer):
-    def __init__(self, leaf_types: tuple[type, ...]):
+    def __init__(self, leaf_types: tuple[type, ...] = LEAF_TYPES):
         super().__init__()
         self.record_stack_traces = True
         self.leaf_types = leaf_types
@@ -51,8 +53,35 @@ def _user_location(error: Exception) -> str:
     return f"{frame.filename}:{frame.lineno} ({(frame.line or '').strip()})"
 
 
-def trace(model: nn.Module, leaf_types: tuple[type, ...] = LEAF_TYPES) -> fx.GraphModule:
-    """Trace `model` into a GraphModule whose nodes carry `module_path` and `stack_trace` metadata."""
+def _mutates_first_argument(root: nn.Module, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return bool(getattr(root.get_submodule(node.target), "inplace", False))
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return name.endswith("_") and not name.startswith("_") or node.kwargs.get("inplace") is True
+    return False
+
+
+def make_functional(gm: fx.GraphModule) -> None:
+    """An in-place op (`x.relu_()`, `nn.ReLU(inplace=True)`, `F.relu(x, inplace=True)`) changes its
+    input for every later reader; make those readers read the op's result instead, so the dataflow
+    graph says what the eager model computes (and a bare `x.relu_()` statement is not dead code)."""
+    order = {node: index for index, node in enumerate(gm.graph.nodes)}
+    for node in gm.graph.nodes:
+        mutated = node.args[0] if node.args else None
+        if not isinstance(mutated, fx.Node) or not _mutates_first_argument(gm, node):
+            continue
+        for reader in list(mutated.users):
+            if reader is not node and order[reader] > order[node]:
+                reader.replace_input_with(mutated, node)
+
+
+def trace(model: nn.Module, leaf_types: tuple[type, ...] = LEAF_TYPES,
+          example_input: torch.Tensor | None = None) -> fx.GraphModule:
+    """Trace `model` into a GraphModule whose nodes carry `module_path` and `stack_trace` metadata
+    (and `tensor_meta` shapes when an example input is given)."""
     tracer = _RecordingTracer(leaf_types)
     try:
         graph = tracer.trace(model)
@@ -64,4 +93,9 @@ def trace(model: nn.Module, leaf_types: tuple[type, ...] = LEAF_TYPES) -> fx.Gra
             "Data-dependent control flow (if/for on tensor values) cannot be converted; rewrite it "
             "without branching on tensor values or make that module a leaf."
         ) from error
-    return finalize(fx.GraphModule(tracer.root, graph, type(model).__name__))
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    make_functional(gm)
+    if example_input is not None:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example_input)
+    return finalize(gm)

@@ -189,10 +189,6 @@ class TokenMix(nn.Module):
         return self.fc(x.flatten(1))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "_scale_input_channels folds a per-channel Scale (channels on dim 1, shape [1, C, 1]) into a Linear "
-    "by multiplying its input features (the last dim): for a Linear applied to a 3-D activation this "
-    "scales the wrong axis (silently wrong when C == L, a RuntimeError when C != L)"))
 @pytest.mark.parametrize("channels", [6, 4])
 def test_per_channel_scale_before_linear_on_3d_activation(channels: int) -> None:
     torch.manual_seed(0)

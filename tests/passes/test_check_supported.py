@@ -143,9 +143,6 @@ class Reciprocal(nn.Module):
         return 1.0 / torch.relu(self.conv(x))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "SCALING_OPS accepts operator.truediv whenever only one argument is a tensor, so `1.0 / x` (a "
-    "reciprocal, not linear in the spikes) passes the check; the SNN then divides by spike counts"))
 def test_constant_divided_by_tensor_is_rejected() -> None:
     gm = prepared(Reciprocal())
     with pytest.raises(ConversionError, match=r"node 'truediv'"):

@@ -170,10 +170,6 @@ class SharedConv(nn.Module):
         return self.fc(x.flatten(1))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "emit_neurons strips the bias of a shared conv/linear at its first call site and registers the "
-    "bias-free copy under the same path; at the second call site it finds bias None and injects no "
-    "AddBias, so the second application loses its bias"))
 def test_shared_conv_keeps_its_bias_at_every_call_site() -> None:
     torch.manual_seed(0)
     qann = ann2snn.quantize(SharedConv().eval(), calibration(), 2)
@@ -200,11 +196,6 @@ class ConstantCurrent(nn.Module):
         return self.fc(x.flatten(1))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a constant added between neuron layers (x + 0.5, an operator.add accepted by check_supported) is "
-    "not turned into a once-injected bias: with accumulate coding (signed neurons) the body adds it at "
-    "every step, so the SNN output drifts away from the QANN (padding with a non-zero value is rejected "
-    "for exactly this reason, a plain constant add is not)"))
 def test_constant_add_between_layers_with_signed_neurons() -> None:
     torch.manual_seed(0)
     snn = ann2snn.convert(ConstantCurrent().eval(), calibration(), qbits=2, T=64, neuron="signed")
@@ -213,10 +204,15 @@ def test_constant_add_between_layers_with_signed_neurons() -> None:
     torch.testing.assert_close(snn(x), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
-def test_constant_add_is_kept_after_the_scale() -> None:
-    # the constant add stays an operator.add node reading the neuron's Scale
+@pytest.mark.parametrize("neuron, once", [("if", False), ("signed", True)])
+def test_constant_add_becomes_a_bias_injection(neuron: str, once: bool) -> None:
+    # x + 0.5 is a constant current: injected like a bias, once for accumulate coding
     torch.manual_seed(0)
     qann = ann2snn.quantize(ConstantCurrent().eval(), calibration(), 2)
-    gm = emit_neurons(copy.deepcopy(qann), neuron="if")
-    add = next(n for n in gm.graph.nodes if n.target is operator.add)
-    assert isinstance(gm.get_submodule(add.args[0].target), Scale) and add.args[1] == 0.5
+    gm = emit_neurons(copy.deepcopy(qann), neuron=neuron)
+    assert not any(n.target is operator.add for n in gm.graph.nodes)
+    offset = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target.endswith("_offset"))
+    injection = gm.get_submodule(offset.target)
+    assert isinstance(injection, AddBias) and injection.once is once
+    assert injection.bias.tolist() == [0.5]
+    assert isinstance(gm.get_submodule(offset.args[0].target), Scale)

@@ -157,10 +157,6 @@ class InPlaceStatement(nn.Module):
         return x
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "an in-place activation used as a statement (x.relu_(), F.relu(x, inplace=True) with the result "
-    "discarded) has no users, so trace's dead-code elimination drops it: the converted model silently "
-    "loses the ReLU"))
 def test_inplace_activation_statement_is_kept() -> None:
     model = InPlaceStatement().eval()
     gm = _normalize(model)

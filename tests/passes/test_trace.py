@@ -90,10 +90,6 @@ def test_trace_matches_eager_and_records_module_paths() -> None:
     torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "errors.user_frame takes the innermost frame outside torch, which is ann2snn/passes/trace.py "
-    "(_RecordingTracer.create_node) for every node, so describe_node() and all ConversionErrors of later "
-    "passes point at the library instead of the user's source line"))
 def test_trace_records_user_source_lines() -> None:
     gm = trace(Net().eval())
     relu = next(n for n in gm.graph.nodes if n.name == "relu")
