@@ -16,15 +16,19 @@ class ConversionError(RuntimeError):
     """The model cannot be converted as it is; the message says which node(s) and what to change."""
 
 
+def innermost_user_frame(frames: list[tuple[str, int, str]]) -> str:
+    """The innermost (file, line, code) frame outside torch and this library, as 'file:line (code)'."""
+    user = [frame for frame in frames if not frame[0].startswith((_TORCH_DIR, _LIBRARY_DIR))]
+    if not user:
+        return "source line unknown"
+    file, line, code = user[-1]
+    return f"{file}:{line} ({code.strip()})"
+
+
 def user_frame(stack_trace: str | None) -> str:
-    """The innermost frame of a recorded stack trace that lies outside torch, as 'file:line (code)'."""
-    if not stack_trace:
-        return "source line unknown"
-    frames = [m for m in _FRAME.finditer(stack_trace) if not m["file"].startswith((_TORCH_DIR, _LIBRARY_DIR))]
-    if not frames:
-        return "source line unknown"
-    last = frames[-1]
-    return f'{last["file"]}:{last["line"]} ({last["code"].strip()})'
+    """The user's source line in an FX node's recorded stack trace."""
+    frames = [(m["file"], int(m["line"]), m["code"]) for m in _FRAME.finditer(stack_trace or "")]
+    return innermost_user_frame(frames)
 
 
 def target_name(gm: fx.GraphModule, node: fx.Node) -> str:

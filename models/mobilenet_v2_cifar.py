@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .initialization import init_fan_out
+
 __all__ = ["InvertedResidual", "MobileNetV2Cifar", "mobilenet_v2_cifar"]
 
 # (expansion factor t, output channels c, repeats n, stride of the first block s)
@@ -92,15 +94,7 @@ class MobileNetV2Cifar(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(last_channels, num_classes))
 
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, 0, 0.01)
-                nn.init.zeros_(module.bias)
+        init_fan_out(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.features(x)

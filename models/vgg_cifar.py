@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .initialization import init_fan_out
+
 __all__ = ["VGGCifar", "vgg11_bn_cifar", "vgg16_bn_cifar"]
 
 # Integers are 3x3 convolution widths, "M" a 2x2 max-pool.
@@ -48,16 +50,7 @@ class VGGCifar(nn.Module):
             nn.Linear(512, num_classes),
         )
 
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, 0, 0.01)
-                nn.init.zeros_(module.bias)
+        init_fan_out(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.features(x)

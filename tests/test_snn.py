@@ -8,17 +8,14 @@ from torch import nn
 
 import ann2snn
 from ann2snn.neurons import IFNeuron, SignedNeuron
+import functools
+
+from tests.helpers import randomize_bn
+
+randomize_bn_wide = functools.partial(randomize_bn, bias=(-0.3, 0.5))
 
 
-def randomize_bn(model: nn.Module) -> nn.Module:
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.3, 0.5)
-    return model
+
 
 
 class MixNet(nn.Module):
@@ -56,7 +53,7 @@ def calibration(seed: int = 5):
 def build(seed: int = 0) -> nn.Module:
     """A MixNet with He-initialised weights, so that the output depends clearly on the input."""
     torch.manual_seed(seed)
-    model = randomize_bn(MixNet())
+    model = randomize_bn_wide(MixNet())
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):

@@ -8,7 +8,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..errors import ConversionError, _TORCH_DIR
+from ..errors import ConversionError, innermost_user_frame
 from ..graph_utils import finalize
 from ..layers import ChannelAffine, ClippedReLU, QCFSQuantizer, Scale, TemporalModule
 
@@ -45,12 +45,7 @@ class _RecordingTracer(fx.Tracer):
 
 
 def _user_location(error: Exception) -> str:
-    frames = [f for f in traceback.extract_tb(error.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
-    frames = [f for f in frames if "/ann2snn/" not in f.filename] or frames
-    if not frames:
-        return "unknown source line"
-    frame = frames[-1]
-    return f"{frame.filename}:{frame.lineno} ({(frame.line or '').strip()})"
+    return innermost_user_frame([(f.filename, f.lineno, f.line or "") for f in traceback.extract_tb(error.__traceback__)])
 
 
 def _mutates_first_argument(root: nn.Module, node: fx.Node) -> bool:

@@ -14,17 +14,10 @@ from ann2snn.layers import WEIGHTED, AddBias, ChannelAffine, QCFSQuantizer, Scal
 from ann2snn.neurons import IFNeuron, SignedNeuron, SpikingNeuron
 from ann2snn.passes import emit_neurons, insert_quantizers, normalize_activations, trace
 from ann2snn.snn import SpikingNetwork
+from tests.helpers import randomize_bn
 
 
-def randomize_bn(model: nn.Module) -> nn.Module:
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-    return model
+
 
 
 class Net(nn.Module):

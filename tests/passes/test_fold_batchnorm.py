@@ -8,22 +8,16 @@ from torch import nn
 from ann2snn import ConversionError
 from ann2snn.layers import ChannelAffine
 from ann2snn.passes import fold_batchnorm, trace
+import functools
+
+from tests.helpers import randomize_bn
+
+randomize_bn_wide = functools.partial(randomize_bn, mean=1.0, var=(0.3, 3.0), weight=(-1.5, 1.5), bias=(-1.0, 1.0))
+
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-def randomize_bn(model: nn.Module) -> nn.Module:
-    """Non-trivial running statistics and affine parameters for every BN of the model."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, BATCHNORMS):
-                if m.running_mean is not None:
-                    m.running_mean.uniform_(-1.0, 1.0)
-                    m.running_var.uniform_(0.3, 3.0)
-                if m.affine:
-                    m.weight.uniform_(-1.5, 1.5)
-                    m.bias.uniform_(-1.0, 1.0)
-    return model
 
 
 def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> None:
@@ -56,7 +50,7 @@ class ConvChain(nn.Module):
 
 
 def test_bn_folds_into_conv_grouped_depthwise_and_linear() -> None:
-    model = randomize_bn(ConvChain()).eval()
+    model = randomize_bn_wide(ConvChain()).eval()
     gm = fold_batchnorm(trace(model, example_input=torch.randn(1, 3, 4, 4)))
 
     assert not any(isinstance(m, BATCHNORMS + (ChannelAffine,)) for m in gm.modules())
@@ -90,7 +84,7 @@ class BnAfterAdd(nn.Module):
 
 @pytest.mark.parametrize("affine", [True, False])
 def test_unfoldable_bn_becomes_channel_affine(affine: bool) -> None:
-    model = randomize_bn(BnAfterAdd(affine)).eval()
+    model = randomize_bn_wide(BnAfterAdd(affine)).eval()
     gm = fold_batchnorm(trace(model))
 
     assert not any(isinstance(m, BATCHNORMS) for m in gm.modules())
@@ -121,7 +115,7 @@ def test_bn1d_on_linear_output_after_add_becomes_affine() -> None:
         def forward(self, x):
             return self.bn(self.fc1(x) - self.fc2(x))
 
-    model = randomize_bn(M()).eval()
+    model = randomize_bn_wide(M()).eval()
     gm = fold_batchnorm(trace(model))
     assert isinstance(gm.get_submodule("bn"), ChannelAffine)
     x = torch.randn(8, 4)
@@ -164,7 +158,7 @@ class LinearOn3d(nn.Module):
 
 
 def test_bn1d_after_linear_on_3d_input() -> None:
-    model = randomize_bn(LinearOn3d()).eval()
+    model = randomize_bn_wide(LinearOn3d()).eval()
     gm = fold_batchnorm(trace(model))
     x = torch.randn(3, 4, 6)
     assert_rel_close(gm(x), model(x))
