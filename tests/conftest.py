@@ -15,7 +15,7 @@ def _seed_torch() -> None:
     torch.manual_seed(0)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared() -> Path:
     """The shared data directory; skips the test where it is absent, but fails under CI."""
     path = shared_dir()
