@@ -33,6 +33,8 @@ LINEAR_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "add", "
 SCALING_OPS = {operator.mul, operator.truediv, torch.mul, torch.div, "mul", "div", "mul_", "div_"}
 DIVISIONS = {operator.truediv, torch.div, "div", "div_"}
 MEAN_OPS = {torch.mean, "mean"}
+SHAPE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
+                    operator.neg}
 
 
 def _value_arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
@@ -47,12 +49,16 @@ def is_shape_value(arg: Any) -> bool:
         return True
     if arg.op == "call_function" and arg.target is getattr:
         return True
-    return arg.op == "call_function" and arg.target is operator.getitem and is_shape_value(arg.args[0])
+    if arg.op == "call_function" and arg.target is operator.getitem:
+        return is_shape_value(arg.args[0])
+    # arithmetic on sizes (x.shape[1] // 2) is still a size
+    return arg.op == "call_function" and arg.target in SHAPE_ARITHMETIC \
+        and all(is_shape_value(a) for a in arg.all_input_nodes)
 
 
 def unsupported_reason(gm: fx.GraphModule, node: fx.Node) -> str | None:
     """Why `node` cannot be part of a spiking network, or None if it can."""
-    if node.op in ("placeholder", "output"):
+    if node.op in ("placeholder", "output") or (node.op == "call_function" and is_shape_value(node)):
         return None
     if node.op == "get_attr":
         return "a tensor attribute used inside forward (a constant current); make it a module parameter"
