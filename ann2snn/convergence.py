@@ -24,7 +24,7 @@ def clipped_reference(qann: fx.GraphModule) -> fx.GraphModule:
 
 
 def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((output - reference).norm() / reference.norm().clamp_min(1e-12))
+    return float(((output - reference).norm() / reference.norm().clamp_min(1e-12)).detach())
 
 
 @torch.no_grad()

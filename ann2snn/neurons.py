@@ -101,8 +101,10 @@ class SignedNeuron(SpikingNeuron):
     def fire(self, current: torch.Tensor) -> torch.Tensor:
         v, count = self.v.add_(current), self.count
         if self.max_spikes_per_step == 1:
-            spikes = ((v >= self.v_threshold) & (count < self.levels)).to(v.dtype)
-            spikes -= ((v < 0) & (count > 0)).to(v.dtype)
+            up = v >= self.v_threshold
+            if self.levels != float("inf"):
+                up &= count < self.levels
+            spikes = up.to(v.dtype).sub_(((v < 0) & (count > 0)).to(v.dtype))
         else:
             k = self.max_spikes_per_step
             up = torch.minimum(torch.floor(v / self.v_threshold).clamp_(0, k), self.levels - count)
