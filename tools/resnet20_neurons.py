@@ -3,7 +3,8 @@ calibrated on train-calib-512 and tested on test-1000, next to its ANN and QANN.
 
     python tools/resnet20_neurons.py [--configs NAME,...] [--T-list 1,2,4,8,16,32,64]
 
-Each config is neuron[:k=<burst>][:pc][:rule=<rule>[@percentile]][:adaptive]. Prints a markdown table.
+Each config is neuron[:k=<burst>][:pc][:rule=<rule>[@percentile]][:decay=<lif decay>][:nocomp][:adaptive]
+(nocomp: LIF without its leak-compensating current). Prints a markdown table.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ DEFAULT_CONFIGS = ("if,if:pc:rule=percentile@99.99,lif,signed-rate:pc:rule=perce
 def parse_config(text: str) -> dict:
     neuron, *options = text.split(":")
     config = {"neuron": neuron, "max_spikes_per_step": 1, "per_channel": False, "threshold_rule": "mse",
-              "adaptive": False}
+              "adaptive": False, "neuron_options": {}}
     for option in options:
         if option.startswith("k="):
             config["max_spikes_per_step"] = int(option[2:])
@@ -38,6 +39,10 @@ def parse_config(text: str) -> dict:
             config["threshold_rule"] = rule
             if percentile:
                 config["percentile"] = float(percentile)
+        elif option.startswith("decay="):
+            config["neuron_options"]["decay"] = float(option[6:])
+        elif option == "nocomp":
+            config["neuron_options"]["compensate_leak"] = False
         elif option == "adaptive":
             config["adaptive"] = True
         else:
