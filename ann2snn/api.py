@@ -18,7 +18,7 @@ from .observers import THRESHOLD_RULES
 from .batching import batch_input
 from .passes.calibrate_thresholds import device_of
 from .pipeline import Pipeline
-from .snn import SpikingNetwork, _check_steps
+from .snn import SpikingNetwork, check_steps
 
 DEFAULT_THRESHOLD_RULE = "mse"
 
@@ -70,7 +70,7 @@ def convert_qann(qann: fx.GraphModule, *, T: int = 32, neuron: str = "if", max_s
                  neuron_options: dict | None = None, chunk_size: int | None = None,
                  config: dict | None = None) -> SpikingNetwork:
     """The spiking network equivalent to a calibrated QANN."""
-    _check_steps("T", T)
+    check_steps("T", T)
     if neuron not in NEURON_KINDS:
         raise ValueError(f"unknown neuron {neuron!r}; choose one of {NEURON_KINDS}")
     spiking_graph = Pipeline([
@@ -95,7 +95,7 @@ def convert(model: nn.Module, calib_loader: Iterable[Any], *, qbits: int = 4, T:
     compensate_leak) or 'signed' (ternary spikes, accumulate coding: equals the QANN once settled);
     `max_spikes_per_step` > 1 allows bursts of graded spikes."""
     check_qbits(qbits)
-    _check_steps("T", T)
+    check_steps("T", T)
     if neuron not in NEURON_KINDS:
         raise ValueError(f"unknown neuron {neuron!r}; choose one of {NEURON_KINDS}")
     qann = quantize(model, calib_loader, qbits, threshold_rule=threshold_rule, percentile=percentile,

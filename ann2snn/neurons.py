@@ -15,8 +15,6 @@ class SpikingNeuron(TemporalModule):
     Spikes are integers (multiples of one spike, signed for signed neurons) in the membrane's dtype;
     the value a spike stands for is a `Scale` after the neuron, folded downstream by balancing."""
 
-    coding = "rate"
-
     def __init__(self, v_threshold: torch.Tensor, max_spikes_per_step: int = 1, initial_membrane: float = 0.5):
         super().__init__()
         if max_spikes_per_step < 1:
@@ -84,10 +82,9 @@ class SignedNeuron(SpikingNeuron):
     out lower than the first steps suggested, which removes most of the IF network's unevenness error."""
 
     def __init__(self, v_threshold: torch.Tensor, levels: int | None, max_spikes_per_step: int = 1,
-                 initial_membrane: float = 0.5, coding: str = "accumulate"):
+                 initial_membrane: float = 0.5):
         super().__init__(v_threshold, max_spikes_per_step, initial_membrane)
         self.levels = float("inf") if levels is None else levels
-        self.coding = coding
         self.count: torch.Tensor | None = None
 
     def reset(self) -> None:
@@ -115,7 +112,7 @@ class SignedNeuron(SpikingNeuron):
         return spikes
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, levels={self.levels}, coding={self.coding}"
+        return f"{super().extra_repr()}, levels={self.levels}"
 
 
 class LIFNeuron(IFNeuron):

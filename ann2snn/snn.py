@@ -90,7 +90,7 @@ class SpikingNetwork(nn.Module):
         super().__init__()
         if coding not in CODINGS:
             raise ValueError(f"coding must be one of {CODINGS}, got {coding!r}")
-        _check_steps("T", T)
+        check_steps("T", T)
         self.T = T
         self.coding = coding
         self.chunk_size = chunk_size
@@ -142,7 +142,7 @@ class SpikingNetwork(nn.Module):
                  stop_when_quiet: bool = False, quiet_steps: int = 1) -> SimulationResult:
         T_list = sorted(set(T_list or [self.T]))
         for T in T_list:
-            _check_steps("every T", T)
+            check_steps("every T", T)
         if stop_when_quiet and self.coding != "accumulate":
             raise ValueError("stop_when_quiet needs accumulate coding (neuron='signed'): a rate-coded "
                              "network keeps integrating its input, so a quiet step says nothing")
@@ -181,6 +181,6 @@ class SpikingNetwork(nn.Module):
         return self.simulate(x, [self.T]).outputs[self.T]
 
 
-def _check_steps(what: str, value) -> None:
+def check_steps(what: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{what} must be a positive integer number of time steps, got {value!r}")

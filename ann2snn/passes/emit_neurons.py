@@ -39,7 +39,7 @@ def make_neuron(quantizer: QCFSQuantizer, kind: str, max_spikes_per_step: int,
         step = quantizer.step
         return SignedNeuron(step, quantizer.levels, max_spikes_per_step, **options), Scale(step)
     if kind == "signed-rate":
-        return SignedNeuron(quantizer.theta, None, max_spikes_per_step, coding="rate", **options), \
+        return SignedNeuron(quantizer.theta, None, max_spikes_per_step, **options), \
             Scale(quantizer.theta)
     raise ValueError(f"unknown neuron {kind!r}; choose one of {NEURON_KINDS}")
 
