@@ -15,8 +15,7 @@ from .passes import (balance_thresholds, calibrate_thresholds, check_supported, 
 from .passes.emit_neurons import NEURON_KINDS, coding_of
 from .passes.insert_quantizers import check_qbits
 from .observers import THRESHOLD_RULES
-from .batching import batch_input
-from .passes.calibrate_thresholds import device_of
+from .batching import batch_input, device_of
 from .pipeline import Pipeline
 from .snn import SpikingNetwork, check_steps
 

@@ -33,6 +33,13 @@ def batch_labels(batch: Any) -> torch.Tensor | None:
     return None
 
 
+def device_of(model: torch.nn.Module) -> torch.device:
+    """Where a model's tensors live (CPU for a model without any)."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        return tensor.device
+    return torch.device("cpu")
+
+
 def model_inputs(batches: Iterable[Any], device: torch.device | str | None = None) -> Iterator[torch.Tensor]:
     for batch in batches:
         x = batch_input(batch)

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from .batching import batch_input, batch_labels
+from .batching import batch_input, batch_labels, device_of
 from .layers import TemporalModule
 from .snn import SpikingNetwork
 from .synops import E_AC_PJ, E_MAC_PJ, ENERGY_REFERENCE, SynapticOperationCounter
@@ -139,12 +139,6 @@ class _FiringMonitor:
         self.fired[name] = fired if name not in self.fired else self.fired[name] | fired
 
 
-def _device_of(module: nn.Module) -> torch.device:
-    for tensor in [*module.parameters(), *module.buffers()]:
-        return tensor.device
-    return torch.device("cpu")
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
@@ -175,7 +169,7 @@ def evaluate(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] |
     """
     T_list = sorted(set(T_list or [snn.T]))
     T_max = T_list[-1]
-    device = _device_of(snn)
+    device = device_of(snn)
     qann = snn.qann
     mac_model = ann if ann is not None else qann
 

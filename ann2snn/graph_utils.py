@@ -7,6 +7,11 @@ import torch.fx as fx
 import torch.nn as nn
 
 
+def is_number(value) -> bool:
+    """A Python int or float constant in a node's arguments (bools excluded)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def finalize(gm: fx.GraphModule) -> fx.GraphModule:
     """Every pass ends here: drop dead nodes, check the graph and regenerate its code."""
     gm.graph.eliminate_dead_code()

@@ -8,7 +8,7 @@ from typing import Any, Iterable, Iterator
 import torch
 import torch.fx as fx
 
-from ..batching import model_inputs
+from ..batching import device_of, model_inputs
 from ..errors import ConversionError
 from ..graph_utils import finalize
 from ..layers import QCFSQuantizer
@@ -26,12 +26,6 @@ def observing(model: torch.nn.Module, bins: int = 2048) -> Iterator[dict[str, QC
     finally:
         for quantizer in quantizers.values():
             quantizer.observer = None
-
-
-def device_of(model: torch.nn.Module) -> torch.device:
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
 
 
 def calibrate_thresholds(gm: fx.GraphModule, batches: Iterable[Any], rule: str = "mse",

@@ -14,7 +14,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..graph_utils import finalize, free_name, insert_module_after, is_module, replace_with_module
+from ..graph_utils import finalize, free_name, insert_module_after, is_module, is_number, replace_with_module
 from .check_supported import is_shape_value
 from ..layers import MAX_POOLS, WEIGHTED, AddBias, ChannelAffine, QCFSQuantizer, Scale, SpikingMaxPool
 from ..neurons import IFNeuron, LIFNeuron, SignedNeuron, SpikingNeuron
@@ -60,12 +60,11 @@ def _constant_offset(node: fx.Node) -> tuple[fx.Node, float] | None:
     if node.op not in ("call_function", "call_method") or node.target not in _OFFSETS or len(node.args) != 2:
         return None
     first, second = node.args
-    numbers = (int, float)
     if isinstance(first, fx.Node) and is_shape_value(first) or isinstance(second, fx.Node) and is_shape_value(second):
         return None
-    if isinstance(first, fx.Node) and isinstance(second, numbers) and not isinstance(second, bool):
+    if isinstance(first, fx.Node) and is_number(second):
         return first, _OFFSETS[node.target] * second
-    if isinstance(second, fx.Node) and isinstance(first, numbers) and _OFFSETS[node.target] > 0:
+    if isinstance(second, fx.Node) and is_number(first) and _OFFSETS[node.target] > 0:
         return second, float(first)
     return None
 

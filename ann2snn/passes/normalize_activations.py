@@ -15,7 +15,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..graph_utils import call_sites, finalize, free_name, replace_with_module
+from ..graph_utils import call_sites, finalize, free_name, is_number, replace_with_module
 from ..layers import ClippedReLU
 
 _NO_UPPER: Any = object()
@@ -35,17 +35,13 @@ def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     return node.kwargs.get(name, default)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _clamp_upper(lower: Any, upper: Any) -> Any:
     """The upper clip of clamp(x, lower, upper) if it is a ReLU (lower == 0), else _NO_UPPER."""
-    if not (_is_number(lower) and lower == 0):
+    if not (is_number(lower) and lower == 0):
         return _NO_UPPER
     if upper is None:
         return None
-    return float(upper) if _is_number(upper) and upper > 0 else _NO_UPPER
+    return float(upper) if is_number(upper) and upper > 0 else _NO_UPPER
 
 
 def activation_upper(gm: fx.GraphModule, node: fx.Node) -> Any:
