@@ -66,7 +66,16 @@ class QCFSQuantizer(nn.Module):
             y = torch.clamp(x, min=0.0, max=self.upper)
             self.observer.update(y)
             return y
+        if self.training and torch.is_grad_enabled():
+            return self.step * self._level_with_straight_through_gradient(x)
         return self.step * self.quantized_level(x)
+
+    def _level_with_straight_through_gradient(self, x: torch.Tensor) -> torch.Tensor:
+        """The quantized level whose gradient treats floor as the identity (QCFS fine-tuning), so that
+        both the input and a learnable theta receive gradients. Only for training: adding and removing
+        the rounding residual is not bit-exact, and the SNN must match the eval form exactly."""
+        scaled = x / self.step + 0.5
+        return torch.clamp(scaled + (torch.floor(scaled) - scaled).detach(), 0, self.levels)
 
     def extra_repr(self) -> str:
         return f"levels={self.levels}, upper={self.upper}, per_channel={self.per_channel}"

@@ -12,6 +12,8 @@ Every file is read with `torch.load(weights_only=True)` unless `trust_pickle` is
 """
 from __future__ import annotations
 
+import io
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +26,9 @@ from torchvision import transforms
 
 from models import MODELS, TORCHVISION_PREFIX, build_model
 
-from .checkpoint import CheckpointError, load_into, load_state_dict
+from .checkpoint import CheckpointError, fit_state_dict, read_checkpoint, state_dict_of
+from .errors import ConversionWarning
+from .serialization import _atomic_write
 
 CHECKPOINT_FORMAT = "ann2snn-checkpoint"
 DEFAULT_MEAN = (0.485, 0.456, 0.406)
@@ -98,19 +102,33 @@ class LoadedModel:
     preprocessing: Preprocessing
     # Where the architecture came from: 'checkpoint', 'argument', 'file name' or 'pickled module'.
     arch_source: str
+    # Fine-tuned activation thresholds ({'qbits', 'per_channel', 'thresholds'}), if the checkpoint has them.
+    quantization: dict[str, Any] | None = None
 
 
 def save_checkpoint(model: nn.Module, path: str | Path, arch: str, arch_kwargs: Mapping[str, Any] | None = None,
-                    preprocessing: Preprocessing | None = None) -> Path:
-    """Write `model`'s weights in the self-describing format, so that `load_model` needs no flags."""
+                    preprocessing: Preprocessing | None = None, quantization: Mapping[str, Any] | None = None,
+                    training: Mapping[str, Any] | None = None) -> Path:
+    """Write `model`'s weights in the self-describing format, so that `load_model` needs no flags.
+
+    `quantization` ({'qbits', 'per_channel', 'thresholds': {quantizer name: theta}}) comes from
+    quantization-aware fine-tuning; `ann2snn convert` then uses these thresholds instead of calibrating.
+    `training` records how the weights were obtained (epochs, accuracy, command)."""
     path = Path(path)
-    torch.save({
+    document = {
         "format": CHECKPOINT_FORMAT,
         "arch": arch,
         "arch_kwargs": dict(arch_kwargs or {}),
         "preprocessing": (preprocessing or Preprocessing()).to_dict(),
         "state_dict": model.state_dict(),
-    }, path)
+    }
+    if quantization is not None:
+        document["quantization"] = dict(quantization)
+    if training is not None:
+        document["training"] = dict(training)
+    serialized = io.BytesIO()
+    torch.save(document, serialized)
+    _atomic_write(path, serialized.getvalue())
     return path
 
 
@@ -186,6 +204,17 @@ def infer_arch(path: str | Path, state: Mapping[str, torch.Tensor], num_classes:
                           f"({', '.join(candidates)}); pass --arch NAME with NAME one of {known_architectures()}")
 
 
+_MODE_DEPENDENT = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
+_LISTED_LAYERS = 3
+
+
+def _mode_dependent_layers(model: nn.Module) -> list[str]:
+    """Names of the layers that compute something else in training mode (BatchNorm, dropout): a saved
+    training-mode flag matters only where there are some."""
+    names = [name or type(model).__name__ for name, module in model.named_modules() if isinstance(module, _MODE_DEPENDENT)]
+    return names[:_LISTED_LAYERS] + ([f"{len(names) - _LISTED_LAYERS} more"] if len(names) > _LISTED_LAYERS else [])
+
+
 def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | None = None,
                preprocessing: Mapping[str, Any] | None = None, trust_pickle: bool = False) -> LoadedModel:
     """Load a checkpoint file (see the module docstring for the accepted forms) into a model.
@@ -193,24 +222,31 @@ def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | 
     `arch` and `num_classes` override what the file says; `preprocessing` entries (mean, std,
     image_size) override the file's, which default to `Preprocessing()` (the CIFAR-10 ResNet-20's)."""
     path = Path(path)
-    # Reading the file once per purpose keeps the checkpoint module the one place that knows how
-    # to unwrap and check weights; checkpoints are small next to conversion and evaluation.
-    state = load_state_dict(path, trust_pickle=trust_pickle)
-    raw = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    # Read once: with trust_pickle, every read would run the file's pickled code again.
+    raw = read_checkpoint(path, trust_pickle=trust_pickle)
+    state = state_dict_of(raw, path)
     described = raw if isinstance(raw, Mapping) and raw.get("format") == CHECKPOINT_FORMAT else {}
     settings = {**dict(described.get("preprocessing") or {}), **dict(preprocessing or {})}
     resolved_preprocessing = Preprocessing.from_dict(settings)
 
     if isinstance(raw, nn.Module) and arch is None:
+        changing = _mode_dependent_layers(raw) if raw.training else []
+        if changing:
+            warnings.warn(f"{path}: the pickled model was saved in training mode; converting its eval() form, in "
+                          f"which BatchNorm uses its running statistics and dropout is off ({', '.join(changing)})",
+                          ConversionWarning, stacklevel=2)
         return LoadedModel(raw.eval(), type(raw).__name__, {}, resolved_preprocessing, "pickled module")
     if arch is not None:
         arch_source = "argument"
     elif described:
+        if not isinstance(described.get("arch"), str):
+            raise CheckpointError(f"{path}: an {CHECKPOINT_FORMAT} file without an architecture name; pass --arch NAME")
         arch, arch_source = described["arch"], "checkpoint"
     else:
         arch, arch_source = infer_arch(path, state, num_classes), "file name"
     arch_kwargs = dict(described.get("arch_kwargs") or {}) if arch_source == "checkpoint" else {}
     if num_classes is not None or not arch_kwargs:
         arch_kwargs.update(_kwargs_for(arch, state, num_classes))
-    model = load_into(_build(arch, arch_kwargs), path, trust_pickle=trust_pickle)
-    return LoadedModel(model.eval(), arch, arch_kwargs, resolved_preprocessing, arch_source)
+    model = fit_state_dict(_build(arch, arch_kwargs), state, path)
+    quantization = described.get("quantization")
+    return LoadedModel(model.eval(), arch, arch_kwargs, resolved_preprocessing, arch_source, quantization)
