@@ -5,17 +5,19 @@ import copy
 import itertools
 import warnings
 from functools import partial
+from collections.abc import Mapping
 from typing import Any, Iterable
 
 import torch.fx as fx
 import torch.nn as nn
 
 from .passes import (balance_thresholds, calibrate_thresholds, check_supported, emit_neurons, fold_batchnorm,
-                     insert_quantizers, normalize_activations, remove_identities, trace)
+                     insert_quantizers, normalize_activations, remove_identities, set_thresholds, trace)
 from .passes.emit_neurons import NEURON_KINDS, coding_of
-from .passes.insert_quantizers import check_qbits
+from .passes.insert_quantizers import QBits, check_qbits_spec, quantizer_bits
 from .observers import THRESHOLD_RULES
-from .batching import batch_input, device_of
+from .batching import batch_input, check_input_batch, check_model_accepts, device_of
+from .errors import ConversionWarning
 from .pipeline import Pipeline
 from .snn import SpikingNetwork, check_steps
 
@@ -25,9 +27,10 @@ DEFAULT_THRESHOLD_RULE = "mse"
 def _eval_copy(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    device_of(model)  # refuses a model spread over several devices before anything is copied
     if model.training:
         warnings.warn("the model was in training mode; converting its eval() form (BatchNorm running "
-                      "statistics, no dropout)", stacklevel=3)
+                      "statistics, no dropout)", ConversionWarning, stacklevel=3)
     return copy.deepcopy(model).eval()
 
 
@@ -43,35 +46,60 @@ def prepare_pipeline(example_input=None) -> Pipeline:
     ])
 
 
-def quantize(model: nn.Module, calib_loader: Iterable[Any], qbits: int = 4, *,
+def quantize(model: nn.Module, calib_loader: Iterable[Any] | None, qbits: QBits = 4, *,
              threshold_rule: str = DEFAULT_THRESHOLD_RULE, percentile: float = 99.99,
-             per_channel: bool = False) -> fx.GraphModule:
+             per_channel: bool = False, thresholds: Mapping[str, Any] | None = None) -> fx.GraphModule:
     """The quantized ANN (QANN): the model with every activation replaced by a calibrated QCFS
-    clip-floor-shift quantizer of 2**qbits - 1 levels. The SNN is judged against it."""
-    check_qbits(qbits)
+    clip-floor-shift quantizer of 2**qbits - 1 levels. The SNN is judged against it. `qbits` is one
+    number of bits, or a mapping of activation names, 'first', 'last' and 'default' to bits (see
+    `ann2snn.passes.insert_quantizers`).
+
+    `thresholds` (quantizer name -> theta, from `finetune`) replace calibration; `calib_loader` then
+    only provides an example batch for shapes and may be None."""
+    check_qbits_spec(qbits)
     if threshold_rule not in THRESHOLD_RULES:
         raise ValueError(f"unknown threshold rule {threshold_rule!r}; choose one of {THRESHOLD_RULES}")
-    batches = iter(calib_loader)
+    if threshold_rule == "percentile" and not 0 < percentile <= 100:
+        raise ValueError(f"percentile must be in (0, 100], got {percentile!r}")
+    batches = iter(calib_loader if calib_loader is not None else ())
     first = next(batches, None)
-    if first is None:
+    if first is None and thresholds is None:
         raise ValueError("the calibration loader yielded no batches")
-    example = batch_input(first)[:1].to(device_of(model))
+    model = _eval_copy(model)
+    example = None
+    if first is not None:
+        example = check_input_batch(batch_input(first), "calibration batch 0")[:1].to(device_of(model))
+        check_model_accepts(model, example)
+    if thresholds is not None:
+        set_activation_thresholds = ("set_thresholds", partial(set_thresholds, thresholds=thresholds))
+    else:
+        set_activation_thresholds = ("calibrate_thresholds", partial(
+            calibrate_thresholds, batches=itertools.chain([first], batches), rule=threshold_rule,
+            percentile=percentile))
     pipeline = Pipeline(prepare_pipeline(example).passes + [
         ("insert_quantizers", partial(insert_quantizers, qbits=qbits, per_channel=per_channel)),
-        ("calibrate_thresholds", partial(calibrate_thresholds, batches=itertools.chain([first], batches),
-                                         rule=threshold_rule,
-                                         percentile=percentile)),
+        set_activation_thresholds,
     ])
-    return pipeline.run(_eval_copy(model))
+    # GraphModules the passes build start in training mode, in which quantizers train (see QCFSQuantizer)
+    return pipeline.run(model).eval()
+
+
+def _check_simulation_options(T: int, neuron: str, max_spikes_per_step: int, chunk_size: int | None) -> None:
+    """Refuse bad simulation settings before any pass runs."""
+    check_steps("T", T)
+    if neuron not in NEURON_KINDS:
+        raise ValueError(f"unknown neuron {neuron!r}; choose one of {NEURON_KINDS}")
+    if not isinstance(max_spikes_per_step, int) or isinstance(max_spikes_per_step, bool) or max_spikes_per_step < 1:
+        raise ValueError(f"max_spikes_per_step must be a positive integer, got {max_spikes_per_step!r}")
+    if chunk_size is not None:
+        check_steps("chunk_size", chunk_size)
 
 
 def convert_qann(qann: fx.GraphModule, *, T: int = 32, neuron: str = "if", max_spikes_per_step: int = 1,
                  neuron_options: dict | None = None, chunk_size: int | None = None,
                  config: dict | None = None) -> SpikingNetwork:
     """The spiking network equivalent to a calibrated QANN."""
-    check_steps("T", T)
-    if neuron not in NEURON_KINDS:
-        raise ValueError(f"unknown neuron {neuron!r}; choose one of {NEURON_KINDS}")
+    _check_simulation_options(T, neuron, max_spikes_per_step, chunk_size)
     spiking_graph = Pipeline([
         ("emit_neurons", partial(emit_neurons, neuron=neuron, max_spikes_per_step=max_spikes_per_step,
                                  neuron_options=neuron_options)),
@@ -82,25 +110,36 @@ def convert_qann(qann: fx.GraphModule, *, T: int = 32, neuron: str = "if", max_s
     return SpikingNetwork(spiking_graph, T, coding_of(neuron), qann=qann, chunk_size=chunk_size, config=config)
 
 
-def convert(model: nn.Module, calib_loader: Iterable[Any], *, qbits: int = 4, T: int = 32, neuron: str = "if",
+def _bits_config(qbits: QBits, qann: fx.GraphModule) -> dict[str, Any]:
+    """The report's record of the QANN's bits: one number, or 'mixed' and the bits of every activation."""
+    if not isinstance(qbits, Mapping):
+        return {"qbits": qbits}
+    bits = quantizer_bits(qann)
+    distinct = set(bits.values())
+    return {"qbits": distinct.pop()} if len(distinct) == 1 else {"qbits": "mixed", "qbits_per_layer": bits}
+
+
+def convert(model: nn.Module, calib_loader: Iterable[Any] | None, *, qbits: QBits = 4, T: int = 32, neuron: str = "if",
             threshold_rule: str = DEFAULT_THRESHOLD_RULE, percentile: float = 99.99, per_channel: bool = False,
             max_spikes_per_step: int = 1, neuron_options: dict | None = None,
-            chunk_size: int | None = None) -> SpikingNetwork:
+            chunk_size: int | None = None, thresholds: Mapping[str, Any] | None = None) -> SpikingNetwork:
     """Convert a trained ANN into a spiking network.
 
     `calib_loader` yields tensors, (inputs, labels) tuples or dicts with an image key. The returned
     module simulates `T` steps per call; its `qann` attribute is the quantized ANN it reproduces.
     `neuron` is 'if' (rate-coded integrate-and-fire), 'lif' (leaky; `neuron_options` decay and
     compensate_leak) or 'signed' (ternary spikes, accumulate coding: equals the QANN once settled);
-    `max_spikes_per_step` > 1 allows bursts of graded spikes."""
-    check_qbits(qbits)
-    check_steps("T", T)
-    if neuron not in NEURON_KINDS:
-        raise ValueError(f"unknown neuron {neuron!r}; choose one of {NEURON_KINDS}")
+    `max_spikes_per_step` > 1 allows bursts of graded spikes. `thresholds` from `finetune` replace
+    calibration (see `quantize`)."""
+    check_qbits_spec(qbits)
+    _check_simulation_options(T, neuron, max_spikes_per_step, chunk_size)
     qann = quantize(model, calib_loader, qbits, threshold_rule=threshold_rule, percentile=percentile,
-                    per_channel=per_channel)
-    config = {"qbits": qbits, "threshold_rule": threshold_rule, "per_channel": per_channel}
-    if threshold_rule == "percentile":
-        config["percentile"] = percentile
+                    per_channel=per_channel, thresholds=thresholds)
+    if thresholds is not None:
+        config = {**_bits_config(qbits, qann), "threshold_rule": "fine-tuned"}
+    else:
+        config = {**_bits_config(qbits, qann), "threshold_rule": threshold_rule, "per_channel": per_channel}
+        if threshold_rule == "percentile":
+            config["percentile"] = percentile
     return convert_qann(qann, T=T, neuron=neuron, max_spikes_per_step=max_spikes_per_step,
                         neuron_options=neuron_options, chunk_size=chunk_size, config=config)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CheckpointError", "load_into", "load_state_dict"]
+__all__ = ["CheckpointError", "fit_state_dict", "load_into", "load_state_dict", "read_checkpoint", "state_dict_of"]
 
 # Training scripts commonly save {'state_dict': ..., 'epoch': ..., 'optimizer': ...}.
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
@@ -30,24 +30,30 @@ class CheckpointError(ValueError):
     """A checkpoint file cannot be read, or does not fit the model."""
 
 
-def load_state_dict(path: str | Path, *, trust_pickle: bool = False) -> dict[str, Tensor]:
-    """Read a checkpoint file into a state dict for `nn.Module.load_state_dict`.
+def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> object:
+    """The object a checkpoint file holds, as torch.load returns it.
 
-    Unwraps {'state_dict'|'model'|'model_state_dict': ...} wrappers and pickled
-    modules, and strips a DataParallel `module.` prefix. Unless trust_pickle is
-    true the file is read with torch.load(weights_only=True), which refuses
-    pickled Python objects instead of running their code.
-    """
+    Unless trust_pickle is true the file is read with torch.load(weights_only=True), which refuses
+    pickled Python objects instead of running their code. Every failure is a one-line CheckpointError
+    naming the file."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     # torch.load reports corrupt input as many unrelated exception types
     # (RuntimeError, EOFError, KeyError, UnpicklingError, ...), so catch broadly.
     except Exception as error:
         raise CheckpointError(_describe_load_failure(path, error)) from error
 
+
+def state_dict_of(loaded: object, path: str | Path) -> dict[str, Tensor]:
+    """The name -> tensor mapping in what `read_checkpoint` returned for `path`.
+
+    Unwraps {'state_dict'|'model'|'model_state_dict': ...} wrappers and pickled modules, strips a
+    DataParallel `module.` prefix, and refuses weights holding NaN or Inf."""
     tensors = {
         key: value for key, value in _unwrap(loaded).items() if isinstance(key, str) and isinstance(value, Tensor)
     }
@@ -58,16 +64,32 @@ def load_state_dict(path: str | Path, *, trust_pickle: bool = False) -> dict[str
     # rather than from a submodule that happens to be called "module".
     if all(key.startswith(_DATA_PARALLEL_PREFIX) for key in tensors):
         tensors = {key.removeprefix(_DATA_PARALLEL_PREFIX): value for key, value in tensors.items()}
+
+    non_finite = [f"{key} ({_count_non_finite(value)})" for key, value in tensors.items()
+                  if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all())]
+    if non_finite:
+        raise CheckpointError(f"{path}: {len(non_finite)} tensors hold NaN or Inf values: {_abbreviate(non_finite)}; "
+                              "the file is corrupt or its training diverged: use another checkpoint")
     return tensors
 
 
+def load_state_dict(path: str | Path, *, trust_pickle: bool = False) -> dict[str, Tensor]:
+    """Read a checkpoint file into a state dict for `nn.Module.load_state_dict`: `read_checkpoint`
+    followed by `state_dict_of`."""
+    return state_dict_of(read_checkpoint(path, trust_pickle=trust_pickle), path)
+
+
 def load_into(model: nn.Module, path: str | Path, *, trust_pickle: bool = False) -> nn.Module:
-    """Load a checkpoint file into `model` strictly; returns the model.
+    """Load a checkpoint file into `model` strictly; returns the model (see `fit_state_dict`)."""
+    return fit_state_dict(model, load_state_dict(path, trust_pickle=trust_pickle), path)
+
+
+def fit_state_dict(model: nn.Module, state: Mapping[str, Tensor], path: str | Path) -> nn.Module:
+    """Load `state` (read from `path`) into `model` strictly; returns the model.
 
     Missing and unexpected keys and wrong shapes are reported together in one
     CheckpointError, before any weight of the model is changed.
     """
-    state = load_state_dict(path, trust_pickle=trust_pickle)
     expected = model.state_dict()
 
     # BatchNorm's own loader fills in num_batches_tracked for checkpoints saved
@@ -90,6 +112,12 @@ def load_into(model: nn.Module, path: str | Path, *, trust_pickle: bool = False)
     except RuntimeError as error:
         raise CheckpointError(f"{path}: does not fit {type(model).__name__}: {' '.join(str(error).split())}") from error
     return model
+
+
+def _count_non_finite(tensor: Tensor) -> str:
+    nan = int(torch.isnan(tensor).sum())
+    inf = int(torch.isinf(tensor).sum())
+    return ", ".join(f"{count} {kind}" for count, kind in ((nan, "NaN"), (inf, "Inf")) if count)
 
 
 def _unwrap(loaded: object) -> Mapping[object, object]:
@@ -116,7 +144,9 @@ def _describe_load_failure(path: Path, error: Exception) -> str:
     if refused_global:
         return (
             f"{path}: contains pickled Python objects ({refused_global.group(1)}), which can run arbitrary code "
-            "when loaded; pass trust_pickle=True (--trust-pickle on the command line) only if the file is trusted"
+            "when loaded (torch.save(model) of a whole model, or Python objects saved beside the weights, make such "
+            "files); if you trust where it comes from, pass trust_pickle=True (--trust-pickle on the command line), "
+            "or re-save just its weights with torch.save(model.state_dict(), path)"
         )
     # weights_only failures bury the actual reason after this marker.
     reason = message.split("WeightsUnpickler error:", 1)[-1]

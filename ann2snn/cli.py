@@ -3,18 +3,24 @@
     ann2snn convert CHECKPOINT --T 32 --qbits 4 [--calib DATA] [--eval DATA] [--T-list 8,16,32,64] ...
     ann2snn eval DIR-or-FILE --data DATA [--T-list ...] [--out DIR]
     ann2snn inspect CHECKPOINT
+    ann2snn export DIR-or-FILE [--format single-step|t-step|qann|all] [--T N] [--out DIR]
 
 Exit codes: 0 on success, 1 when the work fails (unconvertible model, unreadable checkpoint, missing
 data, ...), 2 for usage errors; errors are printed as one line `ann2snn: error: <reason>`."""
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import secrets
 import shutil
+import signal
 import sys
-from collections.abc import Iterator, Sequence
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,24 +32,34 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from .analyze import analysis_summary, analyze, write_analysis
 from .api import DEFAULT_THRESHOLD_RULE, convert, prepare_pipeline
-from .data import make_loader, open_dataset, shared_dir, stratified_subset
-from .errors import ConversionError, target_name
+from .bit_allocation import allocate_bits, read_qbits_config
+from .data import known_labels, make_loader, open_dataset, shared_dir, stratified_subset
+from .distributed import DEFAULT_TIMEOUT, is_distributed, is_main_process, process_group, rank, shard, world_size
+from .batching import check_model_accepts, device_of
+from .errors import ConversionError, ConversionWarning, target_name
 from .evaluate import evaluate
 from .layers import AVG_POOLS, MAX_POOLS, WEIGHTED, ChannelAffine, ClippedReLU
 from .model_loading import LoadedModel, Preprocessing, load_model
 from .observers import THRESHOLD_RULES
+from .onnx_export import FILE_NAMES, FORMATS, write_onnx_files
 from .passes.check_supported import unsupported_reason
 from .passes.emit_neurons import NEURON_KINDS
 from .pipeline import Pipeline
+from .pruning import PRUNE_MODES, PruningSummary, prune
 from .report import summary, write_report
+from .resources import MEBIBYTE, default_memory_limit
 from .serialization import is_saved_network, load_saved, save
 from .snn import SpikingNetwork
 
 PROGRAM = "ann2snn"
 SNN_FILE = "snn.pt"
+CONVERT_ONNX_FORMATS = ("t-step", "single-step")
+DEFAULT_QBITS = 4
 DEFAULT_CALIBRATION = Path("data/cifar10/subsets/train-calib-512.txt")
 DEFAULT_EVALUATION = Path("data/cifar10/subsets/test-1000.txt")
+DEFAULT_TRAINING = Path("data/cifar10/train")
 _MAX_POOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d}
 _AVG_POOL_FUNCTIONS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
                        F.adaptive_avg_pool3d}
@@ -68,7 +84,60 @@ def _positive_int(text: str) -> int:
 
 
 def _T_list(text: str) -> list[int]:
-    return sorted({_positive_int(piece) for piece in text.replace(" ", "").split(",") if piece})
+    values = sorted({_positive_int(piece) for piece in text.replace(" ", "").split(",") if piece})
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected at least one time step count, got {text!r}")
+    return values
+
+
+def _bits(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 8:
+        raise argparse.ArgumentTypeError(f"expected an integer number of bits in 1..8, got {text!r}")
+    return value
+
+
+def _percentile(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 100:
+        raise argparse.ArgumentTypeError(f"expected a percentile in (0, 100], got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text!r}")
+    return value
+
+
+def _bit_budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 1 <= value <= 8:
+        raise argparse.ArgumentTypeError(f"expected a mean number of bits per neuron in [1, 8], got {text!r}")
+    return value
+
+
+def _megabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of MiB, got {text!r}")
+    return value
 
 
 def _numbers(tokens: Sequence[str] | None, kind: type) -> list | None:
@@ -101,17 +170,39 @@ def _conversion_arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group("conversion")
     group.add_argument("--T", type=_positive_int, default=32, help="time steps the SNN simulates (default 32)")
-    group.add_argument("--qbits", type=int, default=4, help="activation quantization bits, 1..8 (default 4)")
+    group.add_argument("--qbits", type=_bits, help="activation quantization bits, 1..8 (default: the bits a "
+                       "fine-tuned checkpoint was trained at, else 4)")
+    group.add_argument("--recalibrate", action="store_true",
+                       help="calibrate thresholds even when the checkpoint has fine-tuned ones")
     group.add_argument("--neuron", choices=NEURON_KINDS, default="if",
                        help="spiking neuron model (default if: integrate-and-fire)")
     group.add_argument("--threshold-rule", choices=THRESHOLD_RULES, default=DEFAULT_THRESHOLD_RULE,
                        help=f"how thresholds are calibrated (default {DEFAULT_THRESHOLD_RULE})")
-    group.add_argument("--percentile", type=float, default=99.99, help="for --threshold-rule percentile")
+    group.add_argument("--percentile", type=_percentile, default=99.99, help="for --threshold-rule percentile")
     group.add_argument("--per-channel", action="store_true", help="one threshold per channel")
     group.add_argument("--max-spikes-per-step", type=_positive_int, default=1)
     group.add_argument("--calib", metavar="DATA", help=f"calibration data (default <shared>/{DEFAULT_CALIBRATION})")
     group.add_argument("--calib-size", type=_positive_int, metavar="N",
                        help="use a stratified subset of N calibration images")
+    research = parser.add_argument_group("research options")
+    research.add_argument("--qbits-first-last", type=_bits, metavar="BITS",
+                          help="bits of the first and last activations (the others: --qbits)")
+    research.add_argument("--qbits-config", type=Path, metavar="FILE",
+                          help='JSON mapping of activation names, "first", "last" and "default" to bits '
+                               "(`ann2snn analyze` lists the names); --qbits and --qbits-first-last override it")
+    research.add_argument("--qbits-budget", type=_bit_budget, metavar="BITS",
+                          help="choose each activation's bits (2..8) by its measured sensitivity so that the mean "
+                               "bits per neuron stay within BITS; --qbits-first-last and --qbits-config names pin bits")
+    research.add_argument("--prune", type=_fraction, metavar="FRACTION",
+                          help="prune this fraction of the weights (magnitude) or of each convolution's channels "
+                               "(channel) before converting")
+    research.add_argument("--prune-mode", choices=PRUNE_MODES,
+                          help="magnitude: global L1 over conv/linear weights (default); channel: the weakest output "
+                               "channels of every convolution, with their bias and BatchNorm")
+    research.add_argument("--prune-finetune-epochs", type=_positive_int, metavar="N",
+                          help="fine-tune the pruned model for N epochs, pruned weights held at zero")
+    research.add_argument("--prune-finetune-data", metavar="DATA",
+                          help=f"labelled fine-tuning data (default <shared>/{DEFAULT_TRAINING})")
     return parser
 
 
@@ -125,10 +216,18 @@ def _run_arguments() -> argparse.ArgumentParser:
     group.add_argument("--seed", type=int, default=0, help="seed of the stratified subsets (default 0)")
     group.add_argument("--batch-size", type=_positive_int, default=128)
     group.add_argument("--chunk-size", type=_positive_int, help="time steps simulated per batched call")
+    group.add_argument("--max-memory", type=_megabytes, metavar="MiB",
+                       help="memory the simulation may plan to use (default: half of what is available at the "
+                            "start); fewer time steps are simulated per chunk to fit, and a batch too large to "
+                            "fit fails before any simulation")
     group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="auto: cuda when available, else cpu")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
     group.add_argument("--force", action="store_true", help="replace an existing output directory")
+    group.add_argument("--dist-timeout", type=_positive_int, metavar="SECONDS",
+                       default=int(DEFAULT_TIMEOUT.total_seconds()),
+                       help="under torchrun: how long a process waits for the others in a collective before "
+                            f"failing (default {int(DEFAULT_TIMEOUT.total_seconds())})")
     return parser
 
 
@@ -160,6 +259,30 @@ def build_parser() -> argparse.ArgumentParser:
                     "of it, without converting.")
     inspect_parser.add_argument("checkpoint", type=Path, metavar="CHECKPOINT")
     inspect_parser.set_defaults(handler=_inspect_command)
+
+    export_parser = commands.add_parser(
+        "export", help="write ONNX models of a conversion",
+        description="Write ONNX models of the conversion in DIR (or of an snn.pt file) beside it: "
+                    + ", ".join(f"{name} ({f})" for f, name in FILE_NAMES.items()) + ".")
+    export_parser.add_argument("target", type=Path, metavar="DIR-or-FILE")
+    export_parser.add_argument("--format", choices=(*FORMATS, "all"), default="all",
+                               help="single-step: one step, state in and out; t-step: the whole simulation in a Loop; "
+                                    "qann: the quantized ANN (default all)")
+    export_parser.add_argument("--T", type=_positive_int, help="time steps of the t-step model (default: the network's T)")
+    export_parser.add_argument("--image-size", nargs="+", metavar="N",
+                               help="model input size C,H,W (default: from the conversion's metadata)")
+    export_parser.add_argument("--out", type=Path, metavar="DIR", help="write the files to DIR (default: beside snn.pt)")
+    export_parser.set_defaults(handler=_export_command)
+
+    analyze_parser = commands.add_parser(
+        "analyze", parents=[model, conversion, run], help="compare each spiking layer with its ANN activation",
+        description="Per layer, on --data: the ANN activation against the SNN's rate x threshold (scatter plots, "
+                    "correlation), the relative error at each T, and how much of it comes from clipping, "
+                    "quantization and the spiking itself. Writes analysis.json and figures to --out.")
+    analyze_parser.add_argument("target", type=Path, metavar="DIR-or-CHECKPOINT")
+    analyze_parser.add_argument("--data", metavar="DATA", help=f"images to analyse (default <shared>/{DEFAULT_CALIBRATION})")
+    analyze_parser.add_argument("--out", type=Path, metavar="DIR", help="output directory (default <target stem>-analysis)")
+    analyze_parser.set_defaults(handler=_analyze_command)
     return parser
 
 
@@ -202,21 +325,37 @@ def _open_data(spec: str, size: int | None, seed: int, preprocessing: Preprocess
     return dataset, {"spec": spec, "images": len(dataset), "available": available, "seed": seed}
 
 
-def _check_model_input(model: nn.Module, dataset: Dataset, device: torch.device) -> None:
-    """Fail early, with the sizes in the message, when the model cannot take the data's images."""
-    image = dataset[0][0]
-    try:
-        with torch.no_grad():
-            model(image.unsqueeze(0).to(device))
-    except RuntimeError as error:
-        reason = str(error).strip().splitlines()[0]
-        raise ValueError(f"wrong input size: the model rejects {'x'.join(map(str, image.shape))} inputs ({reason}); "
-                         "set --image-size C,H,W or check the data") from error
+def _check_model_input(model: nn.Module, dataset: Dataset, device: torch.device, labelled: bool = False) -> None:
+    """Fail early, with the sizes in the message, when the model cannot take the data's images or (for
+    `labelled` evaluation data) when the data has more classes than the model has outputs."""
+    outputs = check_model_accepts(model, dataset[0][0].unsqueeze(0).to(device),
+                                  "; set --image-size C,H,W or check the data")
+    labels = known_labels(dataset) if labelled else None
+    if labels and max(labels) >= outputs.shape[-1]:
+        raise ValueError(f"labels out of range: the evaluation data has {max(labels) + 1} classes but the model "
+                         f"{outputs.shape[-1]} outputs; check the data, or the model's --num-classes")
 
 
 def _check_output_free(out: Path | None, force: bool) -> None:
-    if out is not None and out.exists() and not force:
+    """Fail before any work when `out` exists (unless `force`) or cannot be written."""
+    # Under torchrun only the first process writes; the others' file systems do not matter.
+    if not is_main_process() or out is None:
+        return
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output path {out} exists and is not a directory; choose another --out")
+    if out.exists() and not force:
         raise UsageError(f"output directory {out} already exists; pass --force to replace it")
+    # Try what _staged_directory will do at the end: make a directory beside `out`, in the nearest
+    # directory that exists (the missing ones in between are made then, as they would be now).
+    absolute = out.absolute()
+    ancestor = next(parent for parent in absolute.parents if parent.exists())
+    probe = ancestor / f".{out.name}.probe-{secrets.token_hex(4)}"
+    try:
+        probe.mkdir()
+    except OSError as error:
+        raise UsageError(f"cannot write output directory {out}: {error.strerror} ({ancestor}); choose another "
+                         "--out") from error
+    probe.rmdir()
 
 
 @contextmanager
@@ -231,7 +370,11 @@ def _staged_directory(out: Path) -> Iterator[Path]:
         if out.exists():
             retired = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
             out.rename(retired)
-            staging.rename(out)
+            try:
+                staging.rename(out)
+            except BaseException:  # Ctrl-C between the two renames included: put the previous output back
+                retired.rename(out)
+                raise
             shutil.rmtree(retired)
         else:
             staging.rename(out)
@@ -249,18 +392,83 @@ def _model_entry(checkpoint: Path, loaded: LoadedModel) -> dict[str, Any]:
             "arch_source": loaded.arch_source, "preprocessing": loaded.preprocessing.to_dict()}
 
 
+def _requested_bits(args: argparse.Namespace) -> dict[str, int]:
+    """The bits the command line sets, as a mapping (see ann2snn.passes.insert_quantizers): --qbits-config,
+    then --qbits as 'default' and --qbits-first-last as 'first' and 'last'."""
+    requested = read_qbits_config(args.qbits_config) if args.qbits_config is not None else {}
+    if args.qbits is not None:
+        requested["default"] = args.qbits
+    if args.qbits_first_last is not None:
+        requested["first"] = requested["last"] = args.qbits_first_last
+    if args.qbits_budget is not None and "default" in requested:
+        raise UsageError("--qbits-budget chooses the bits of every activation that --qbits-first-last or "
+                         "--qbits-config names do not pin; drop --qbits (or the config's 'default')")
+    return requested
+
+
+def _quantization_settings(args: argparse.Namespace, loaded: LoadedModel) -> tuple[int | dict, dict | None]:
+    """The bits to quantize at (one number, or a mapping per activation) and, when the checkpoint was
+    fine-tuned at those bits, its thresholds."""
+    fine_tuned = loaded.quantization
+    requested = _requested_bits(args)
+    default = requested.pop("default", None) or (fine_tuned["qbits"] if fine_tuned is not None else DEFAULT_QBITS)
+    qbits = {"default": default, **requested} if requested else default
+    if fine_tuned is None:
+        return qbits, None
+    if qbits != fine_tuned["qbits"] or args.recalibrate or args.qbits_budget is not None:
+        bits = f"{qbits} bits" if isinstance(qbits, int) else "per-layer bits"
+        print(f"note: the checkpoint was fine-tuned at {fine_tuned['qbits']} bits; calibrating new thresholds "
+              f"at {bits} instead of using its own", file=sys.stderr)
+        return qbits, None
+    return qbits, fine_tuned["thresholds"]
+
+
+def _pruned(args: argparse.Namespace, model: nn.Module, preprocessing: Preprocessing) -> tuple[nn.Module, PruningSummary]:
+    """The model pruned (and fine-tuned) as --prune and its options ask."""
+    finetune_loader = None
+    if args.prune_finetune_epochs:
+        if is_distributed():
+            raise UsageError("--prune-finetune-epochs trains in one process: fine-tune without torchrun, or convert "
+                             "a pruned checkpoint")
+        spec = _data_spec(args.prune_finetune_data, DEFAULT_TRAINING, "--prune-finetune-data")
+        finetune_loader = make_loader(_open_data(spec, None, args.seed, preprocessing)[0], args.batch_size,
+                                      shuffle=True)
+    return prune(model, args.prune, args.prune_mode or PRUNE_MODES[0], finetune_loader=finetune_loader,
+                 finetune_epochs=args.prune_finetune_epochs or 0, progress=not args.no_progress and is_main_process())
+
+
 def _convert_loaded(args: argparse.Namespace, loaded: LoadedModel, device: torch.device) -> tuple[SpikingNetwork, dict]:
-    """Calibrate and convert a loaded model: the SNN and the calibration data's report entry."""
+    """Calibrate and convert a loaded model: the SNN and the calibration data's report entry. With --prune,
+    `loaded.model` becomes the pruned model: the ANN the SNN is measured against and saved with."""
+    if args.prune is None and (args.prune_mode or args.prune_finetune_epochs or args.prune_finetune_data):
+        raise UsageError("--prune-mode, --prune-finetune-epochs and --prune-finetune-data need --prune FRACTION")
     calibration, calibration_entry = _open_data(_data_spec(args.calib, DEFAULT_CALIBRATION, "--calib"),
                                                 args.calib_size, args.seed, loaded.preprocessing)
     model = loaded.model.to(device)
     _check_model_input(model, calibration, device)
-    calibration_batches = tqdm(make_loader(calibration, args.batch_size), desc="calibrating", unit="batch",
-                               disable=args.no_progress, leave=False)
-    snn = convert(model, calibration_batches,
-                  qbits=args.qbits, T=args.T, neuron=args.neuron, threshold_rule=args.threshold_rule,
+    pruning = None
+    if args.prune is not None:
+        model, pruning = _pruned(args, model, loaded.preprocessing)
+        loaded.model = model
+    calibration_batches = tqdm(make_loader(shard(calibration, args.batch_size), args.batch_size), desc="calibrating",
+                               unit="batch", disable=args.no_progress or not is_main_process(), leave=False)
+    qbits, thresholds = _quantization_settings(args, loaded)
+    allocation = None
+    if args.qbits_budget is not None:
+        calibration_batches = list(calibration_batches)  # read once, for the allocation and the calibration
+        pinned = {key: bits for key, bits in qbits.items() if key != "default"} if isinstance(qbits, dict) else {}
+        allocation = allocate_bits(model, calibration_batches, args.qbits_budget, pinned=pinned,
+                                   threshold_rule=args.threshold_rule, percentile=args.percentile,
+                                   per_channel=args.per_channel)
+        qbits = allocation.bits
+    snn = convert(model, calibration_batches, thresholds=thresholds,
+                  qbits=qbits, T=args.T, neuron=args.neuron, threshold_rule=args.threshold_rule,
                   percentile=args.percentile, per_channel=args.per_channel,
                   max_spikes_per_step=args.max_spikes_per_step, chunk_size=args.chunk_size)
+    if pruning is not None:
+        snn.config["pruning"] = pruning.to_json()
+    if allocation is not None:
+        snn.config["qbits_allocation"] = allocation.to_json()
     return snn, calibration_entry
 
 
@@ -269,8 +477,11 @@ def _evaluate_document(args: argparse.Namespace, snn: SpikingNetwork, ann: nn.Mo
     """Evaluate and return the report.json document, with the model and data sections."""
     dataset, evaluation_entry = evaluation
     T_list = args.T_list or _default_T_list(snn.T)
-    report = evaluate(snn, make_loader(dataset, args.batch_size), T_list, ann=ann, chunk_size=args.chunk_size,
-                      progress=not args.no_progress)
+    max_memory = (int(args.max_memory * MEBIBYTE) if args.max_memory is not None
+                  else default_memory_limit(device_of(snn)))
+    report = evaluate(snn, make_loader(shard(dataset, args.batch_size), args.batch_size), T_list, ann=ann,
+                      chunk_size=args.chunk_size, progress=not args.no_progress and is_main_process(),
+                      max_memory=max_memory)
     return {**report.to_json(), "model": model_entry, "data": {**data_entries, "evaluation": evaluation_entry}}
 
 
@@ -280,10 +491,22 @@ def _finish(document: dict, out: Path | None, written: list[str]) -> None:
         print(f"\nWrote {out}/: {', '.join(written)}")
 
 
+def _data_parallel(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Under torchrun, run `command` as one process of the group: each process calibrates and
+    evaluates its shard of the data, the statistics are combined exactly, and the first process
+    prints and writes the outputs (see ann2snn.distributed)."""
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        with process_group(_device(args.device), timedelta(seconds=args.dist_timeout)):
+            return command(args)
+    return run
+
+
 # ---------------------------------------------------------------------------------------------------
 # Commands
 
 
+@_data_parallel
 def _convert_command(args: argparse.Namespace) -> int:
     out = args.out or Path(f"{args.checkpoint.stem}-snn")
     _check_output_free(out, args.force)
@@ -291,25 +514,30 @@ def _convert_command(args: argparse.Namespace) -> int:
     evaluation_spec = _data_spec(args.eval, DEFAULT_EVALUATION, "--eval")
     loaded = _load(args, args.checkpoint)
     evaluation = _open_data(evaluation_spec, args.eval_size, args.seed, loaded.preprocessing)
+    _check_model_input(loaded.model, evaluation[0], device_of(loaded.model), labelled=True)
     snn, calibration_entry = _convert_loaded(args, loaded, device)
     model_entry = _model_entry(args.checkpoint, loaded)
     document = _evaluate_document(args, snn, loaded.model, evaluation, model_entry,
                                   {"calibration": calibration_entry})
+    if not is_main_process():
+        return 0
     with _staged_directory(out) as staging:
         save(snn, staging / SNN_FILE, {"model": model_entry, "preprocessing": model_entry["preprocessing"],
-                                        "config": document["config"]}, ann=loaded.model)
-        files = [SNN_FILE] + [path.name for path in write_report(document, staging)]
+                                        "config": document["config"], "data": document["data"]}, ann=loaded.model)
+        # the T-step model (snn.onnx) and the single-step one share their tracing, so both come at one price
+        onnx_files = write_onnx_files(snn, staging, CONVERT_ONNX_FORMATS,
+                                      input_shape=tuple(loaded.preprocessing.image_size))
+        files = [SNN_FILE] + [path.name for path in onnx_files] + [path.name for path in write_report(document, staging)]
     _finish(document, out, files)
     return 0
 
 
+@_data_parallel
 def _eval_command(args: argparse.Namespace) -> int:
     _check_output_free(args.out, args.force)
     device = _device(args.device)
     data_spec = _data_spec(args.data, DEFAULT_EVALUATION, "--data")
-    saved_file = args.target / SNN_FILE if args.target.is_dir() else args.target
-    if args.target.is_dir() and not saved_file.is_file():
-        raise FileNotFoundError(f"{args.target} holds no {SNN_FILE}: not an ann2snn conversion directory")
+    saved_file = _saved_network_file(args.target)
     if is_saved_network(saved_file):
         saved = load_saved(saved_file, map_location=device)
         snn, ann = saved.snn, saved.ann
@@ -321,14 +549,69 @@ def _eval_command(args: argparse.Namespace) -> int:
     else:
         loaded = _load(args, args.target)
         evaluation = _open_data(data_spec, args.eval_size, args.seed, loaded.preprocessing)
+        _check_model_input(loaded.model, evaluation[0], device_of(loaded.model), labelled=True)
         snn, calibration_entry = _convert_loaded(args, loaded, device)
         document = _evaluate_document(args, snn, loaded.model, evaluation, _model_entry(args.target, loaded),
                                       {"calibration": calibration_entry})
+    if not is_main_process():
+        return 0
     files: list[str] = []
     if args.out is not None:
         with _staged_directory(args.out) as staging:
             files = [path.name for path in write_report(document, staging)]
     _finish(document, args.out, files)
+    return 0
+
+
+@_data_parallel
+def _analyze_command(args: argparse.Namespace) -> int:
+    out = args.out or Path(f"{args.target.stem}-analysis")
+    _check_output_free(out, args.force)
+    device = _device(args.device)
+    data_spec = _data_spec(args.data, DEFAULT_CALIBRATION, "--data")
+    saved_file = _saved_network_file(args.target)
+    if is_saved_network(saved_file):
+        saved = load_saved(saved_file, map_location=device)
+        snn = saved.snn
+        preprocessing = Preprocessing.from_dict({**saved.metadata.get("preprocessing", {}),
+                                                 **_preprocessing_overrides(args)})
+    else:
+        loaded = _load(args, args.target)
+        snn, _ = _convert_loaded(args, loaded, device)
+        preprocessing = loaded.preprocessing
+    dataset, _ = _open_data(data_spec, args.eval_size, args.seed, preprocessing)
+    analysis = analyze(snn, make_loader(shard(dataset, args.batch_size), args.batch_size),
+                       args.T_list or _default_T_list(snn.T), chunk_size=args.chunk_size,
+                       progress=not args.no_progress and is_main_process(), seed=args.seed)
+    if not is_main_process():
+        return 0
+    with _staged_directory(out) as staging:
+        files = [path.name for path in write_analysis(analysis, staging)]
+    print(analysis_summary(analysis))
+    print(f"\nWrote {out}/: {', '.join(files)}")
+    return 0
+
+
+def _saved_network_file(target: Path) -> Path:
+    """The snn.pt of a conversion directory, or `target` itself when it is a file."""
+    if not target.is_dir():
+        return target
+    if not (target / SNN_FILE).is_file():
+        raise FileNotFoundError(f"{target} holds no {SNN_FILE}: not an ann2snn conversion directory")
+    return target / SNN_FILE
+
+
+def _export_command(args: argparse.Namespace) -> int:
+    saved_file = _saved_network_file(args.target)
+    saved = load_saved(saved_file)
+    image_size = _numbers(args.image_size, int) or saved.metadata.get("preprocessing", {}).get("image_size")
+    if not image_size:
+        raise UsageError(f"{saved_file} records no input size; pass --image-size C,H,W")
+    out = args.out or saved_file.parent
+    out.mkdir(parents=True, exist_ok=True)
+    formats = FORMATS if args.format == "all" else (args.format,)
+    for path in write_onnx_files(saved.snn, out, formats, input_shape=tuple(image_size), T=args.T):
+        print(f"Wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
     return 0
 
 
@@ -395,7 +678,39 @@ def _one_line(error: BaseException) -> str:
         message += f" (`{PROGRAM} inspect CHECKPOINT` lists every node and what it becomes)"
     elif not isinstance(error, (ValueError, OSError, UsageError)):
         message = f"{type(error).__name__}: {message}"
+    if is_distributed():
+        message = f"process {rank()} of {world_size()}: {message}"
     return message
+
+
+@contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """The library's ConversionWarnings printed like errors: one line, `ann2snn: warning: <what>`."""
+    with warnings.catch_warnings():
+        show_other = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None) -> None:
+            if issubclass(category, ConversionWarning):
+                print(f"{PROGRAM}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+            else:
+                show_other(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (kill, batch schedulers, torchrun stopping a job) ends the run like Ctrl-C does: the
+    staged outputs are removed and a previous output directory stays as it was."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -407,7 +722,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # argparse exits after --help (0) and on usage errors (2), having printed why.
         return int(exit_request.code or 0)
     try:
-        return args.handler(args)
+        with _warnings_as_lines(), _terminate_as_interrupt():
+            return args.handler(args)
     except UsageError as error:
         print(f"{PROGRAM}: error: {_one_line(error)}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ __all__ = [
     "ListFileDataset",
     "MNIST5k",
     "cifar10_transform",
+    "known_labels",
     "make_loader",
     "mnist5k",
     "open_dataset",
@@ -100,10 +101,20 @@ class ListFileDataset(Dataset[tuple[Any, int]]):
         return (self.transform(rgb) if self.transform is not None else rgb), label
 
 
-def _labels_of(dataset: Dataset[Any]) -> list[int]:
+def known_labels(dataset: Dataset[Any]) -> list[int] | None:
+    """Every sample's label where the data set lists them (ImageFolder, list files, CIFAR-10, MNIST5k and
+    subsets of these), without reading a single image; None where only reading the samples would tell."""
+    if isinstance(dataset, Subset):
+        labels = known_labels(dataset.dataset)
+        return None if labels is None else [labels[index] for index in dataset.indices]
     targets = getattr(dataset, "targets", None)
-    if targets is not None:
-        return [int(target) for target in targets]
+    return None if targets is None else [int(target) for target in targets]
+
+
+def _labels_of(dataset: Dataset[Any]) -> list[int]:
+    labels = known_labels(dataset)
+    if labels is not None:
+        return labels
     # No label list: read every sample, which may decode every image once.
     return [int(dataset[index][1]) for index in range(len(dataset))]  # type: ignore[arg-type]
 

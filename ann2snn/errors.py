@@ -16,6 +16,11 @@ class ConversionError(RuntimeError):
     """The model cannot be converted as it is; the message says which node(s) and what to change."""
 
 
+class ConversionWarning(UserWarning):
+    """Something the conversion changed or assumed that the user should know about (the command line
+    prints these as `ann2snn: warning: ...`)."""
+
+
 def innermost_user_frame(frames: list[tuple[str, int, str]]) -> str:
     """The innermost (file, line, code) frame outside torch and this library, as 'file:line (code)'."""
     user = [frame for frame in frames if not frame[0].startswith((_TORCH_DIR, _LIBRARY_DIR))]

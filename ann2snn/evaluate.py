@@ -6,6 +6,7 @@ layer, the neurons that never fired, synaptic operations and the energy estimate
 `ann2snn.synops` for how operations are counted)."""
 from __future__ import annotations
 
+import itertools
 import platform
 import time
 from collections.abc import Iterable, Iterator
@@ -17,9 +18,11 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from .batching import batch_input, batch_labels, device_of
+from .batching import batch_input, batch_labels, check_input_batch, check_labels, check_model_accepts, device_of
+from .distributed import reduce_over_processes, require_on_every_process, world_size
 from .layers import TemporalModule
-from .snn import SpikingNetwork
+from .resources import MEBIBYTE, PeakMemory, plan_chunk_size, simulation_footprint
+from .snn import SpikingNetwork, check_steps
 from .synops import E_AC_PJ, E_MAC_PJ, ENERGY_REFERENCE, SynapticOperationCounter
 
 REPORT_FORMAT = "ann2snn-report"
@@ -157,19 +160,53 @@ def _time_window(snn: SpikingNetwork) -> tuple[int, int]:
     return clock.t0, clock.steps
 
 
+def _checked_batches(loader: Iterable[Any], device: torch.device,
+                     reference: nn.Module) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, labels) of every batch, on `device`; a ValueError naming the batch where the inputs are not
+    floating tensors of one size that `reference` accepts (tried on one sample when the first batch is
+    drawn) or the labels are not class indices of its outputs."""
+    first = classes = None
+    for index, batch in enumerate(loader):
+        where = f"evaluation batch {index}"
+        labels = batch_labels(batch)
+        if labels is None:
+            raise ValueError("evaluate needs labelled batches: (inputs, labels) tuples or dicts with a label key")
+        x = check_input_batch(batch_input(batch), where, first).to(device)
+        if first is None:
+            first, classes = x, check_model_accepts(reference, x).shape[-1]
+        check_labels(labels, x.shape[0], classes, where)
+        yield x, labels.to(device)
+
+
 @torch.no_grad()
 def evaluate(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] | None = None, *,
              ann: nn.Module | None = None, chunk_size: int | None = None,
-             progress: bool = False) -> EvaluationReport:
+             progress: bool = False, max_memory: int | None = None) -> EvaluationReport:
     """Measure `snn` (and the `ann` it was converted from, if given, and its QANN) on labelled batches.
 
     Batches are (inputs, labels) tuples or dicts with image and label keys; inputs are moved to the
     device of `snn`, where `ann` must live too. One simulation per batch runs to max(T_list) (default:
     [snn.T]). The ANN's MACs are counted on `ann`, else on the QANN (the same layers, BatchNorm folded).
+    Bad batches are refused before they are simulated (see `_checked_batches`). With `max_memory`
+    (bytes), each batch is simulated in the largest chunks of time steps, at most `chunk_size`, whose
+    estimated memory fits (`ann2snn.resources`); `timing` reports the peak memory the run used.
+    In a torch.distributed process group every process passes its own shard of the data (see
+    `ann2snn.distributed.shard`) and gets the report of all shards; timings are the slowest process's.
     """
-    T_list = sorted(set(T_list or [snn.T]))
+    T_list = [snn.T] if T_list is None else list(T_list)
+    if not T_list:
+        raise ValueError("T_list is empty: give at least one number of time steps to report")
+    for T in T_list:
+        check_steps("every T of T_list", T)
+    if chunk_size is not None:
+        check_steps("chunk_size", chunk_size)
+    if max_memory is not None and not max_memory > 0:
+        raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory!r}")
+    T_list = sorted(set(T_list))
     T_max = T_list[-1]
     device = device_of(snn)
+    if ann is not None and device_of(ann) != device:
+        raise ValueError(f"the ANN is on {device_of(ann)} but the spiking network on {device}: move both to one device")
     qann = snn.qann
     mac_model = ann if ann is not None else qann
 
@@ -182,9 +219,17 @@ def evaluate(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] |
     snn_seconds = 0.0
 
     with ExitStack() as stack:
+        peak_memory = stack.enter_context(PeakMemory(device))
         for model in (ann, qann):
             if model is not None:
                 stack.enter_context(_eval_mode(model))
+        # The first batch is drawn, checked and sized before the counters start, which must not count
+        # the check's trial run.
+        batches = _checked_batches(tqdm(loader, desc="evaluating", unit="batch", disable=not progress, leave=False),
+                                   device, next(model for model in (ann, qann, snn) if model is not None))
+        first = next(batches, None)
+        footprint = simulation_footprint(snn, first[0]) if first is not None and max_memory is not None else None
+        first_chunk = None
         body_ops = stack.enter_context(SynapticOperationCounter(
             snn.body, event_driven=True, steps=T_max, window=lambda: _time_window(snn)))
         prefix_ops = stack.enter_context(SynapticOperationCounter(snn.prefix, event_driven=False))
@@ -194,11 +239,11 @@ def evaluate(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] |
 
         _synchronize(device)
         start = time.perf_counter()
-        for batch in tqdm(loader, desc="evaluating", unit="batch", disable=not progress, leave=False):
-            labels = batch_labels(batch)
-            if labels is None:
-                raise ValueError("evaluate needs labelled batches: (inputs, labels) tuples or dicts with a label key")
-            x, labels = batch_input(batch).to(device), labels.to(device)
+        for x, labels in itertools.chain([first] if first is not None else [], batches):
+            batch_chunk = chunk_size or snn.default_chunk(x.shape[0])
+            if footprint is not None:
+                batch_chunk = plan_chunk_size(footprint, x.shape[0], max_memory, batch_chunk)
+            first_chunk = first_chunk or batch_chunk
             images += labels.numel()
             if ann is not None:
                 correct_ann += int((ann(x).argmax(-1) == labels).sum())
@@ -208,7 +253,7 @@ def evaluate(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] |
 
             _synchronize(device)
             simulation_start = time.perf_counter()
-            result = snn.simulate(x, T_list, chunk_size=chunk_size)
+            result = snn.simulate(x, T_list, chunk_size=batch_chunk)
             _synchronize(device)
             snn_seconds += time.perf_counter() - simulation_start
 
@@ -217,14 +262,22 @@ def evaluate(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] |
                 correct_snn[T] += int((predictions == labels).sum())
                 if qann_predictions is not None:
                     agreeing[T] += int((predictions == qann_predictions).sum())
-                spikes_by_T[T] += float(sum(count.sum() for count in result.spikes[T].values()))
+                spikes_by_T[T] += sum(float(count.sum(dtype=torch.float64)) for count in result.spikes[T].values())
             for name, count in result.spikes[T_max].items():
-                layer_spikes[name] = layer_spikes.get(name, 0.0) + float(count.sum())
+                layer_spikes[name] = layer_spikes.get(name, 0.0) + float(count.sum(dtype=torch.float64))
         _synchronize(device)
         wall_seconds = time.perf_counter() - start
 
-    if images == 0:
-        raise ValueError("the evaluation loader yielded no batches")
+    require_on_every_process(images > 0, "the evaluation loader yielded no batches")
+    # Under torchrun each process measured its own shard; the report is of all of them. Every count is
+    # an integer (spikes and synaptic operations too), so the sums are exact whatever the order.
+    ann_macs = ann_ops.multiply_accumulates if ann_ops is not None else None
+    (images, correct_ann, correct_qann, correct_snn, agreeing, spikes_by_T, layer_spikes, body_ops.accumulates,
+     body_ops.multiply_accumulates, prefix_ops.multiply_accumulates, ann_macs) = reduce_over_processes(
+        (images, correct_ann, correct_qann, correct_snn, agreeing, spikes_by_T, layer_spikes, body_ops.accumulates,
+         body_ops.multiply_accumulates, prefix_ops.multiply_accumulates, ann_macs), "sum")
+    firing.fired, wall_seconds, snn_seconds = reduce_over_processes((firing.fired, wall_seconds, snn_seconds), "max")
+    peak_bytes = reduce_over_processes(peak_memory.bytes, "max")
     layers = [
         LayerActivity(
             name=name,
@@ -252,7 +305,7 @@ def evaluate(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] |
         layers=layers,
         synops_per_image={T: float(synops[T - 1]) for T in T_list},
         snn_macs_per_image={T: prefix_macs * prefix_runs[T] + float(body_macs[T - 1]) for T in T_list},
-        ann_macs_per_image=float(ann_ops.multiply_accumulates.sum()) / images if ann_ops is not None else None,
+        ann_macs_per_image=float(ann_macs.sum()) / images if ann_macs is not None else None,
         config={**snn.config, "coding": snn.coding, "T_list": T_list},
         timing={
             "wall_s": wall_seconds,
@@ -260,5 +313,10 @@ def evaluate(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] |
             "snn_s": snn_seconds,
             "snn_images_per_s": images / snn_seconds,
             "device": device_name(device),
+            "processes": world_size(),
+            "peak_memory_mb": peak_bytes / MEBIBYTE if peak_bytes is not None else None,
+            "peak_memory_measure": peak_memory.measure,
+            "memory_limit_mb": max_memory / MEBIBYTE if max_memory is not None else None,
+            "chunk_size": first_chunk,
         },
     )

@@ -1,19 +1,159 @@
 """Spiking neurons. Multi-step: the input is [steps * batch, ...] with time folded into the batch
 dimension (SpikingJelly's step mode 'm'); only the membrane recurrence loops over time.
 
-Names follow SpikingJelly where they fit (`v_threshold`, `reset()`); reset is by subtraction."""
+Names follow SpikingJelly where they fit (`v_threshold`, `reset()`); reset is by subtraction.
+
+Each model's dynamics are one function of its state tensors (`integrate_and_fire`, `signed_fire`, ...):
+`fire` applies it to the module's state (the ONNX exporter traces that), and the simulator runs it once
+per step. Where torch.compile works (a C++ compiler for CPU tensors, Triton for CUDA) and a layer is
+large enough to pay for the call, each step of a layer is one fused kernel compiled from that very
+function: the same float operations in the same order (Inductor does not contract them into FMAs), so
+the same spikes bit for bit, in one pass over memory instead of one per operation."""
 from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import types
+import warnings
+from typing import Callable
 
 import torch
 
 from .layers import TemporalModule
 
+FUSED_ENV_VAR = "ANN2SNN_FUSED_NEURONS"
+# Below this many neurons per step a fused kernel saves less than its call costs: small layers stay eager.
+FUSED_MIN_ELEMENTS = 16384
+_compiled_steps: dict[tuple, Callable | None] = {}
+
+
+def integrate_and_fire(v: torch.Tensor, current: torch.Tensor, v_threshold: torch.Tensor,
+                       max_spikes_per_step: int) -> torch.Tensor:
+    """One step of an integrate-and-fire membrane `v` (updated in place), reset by subtraction."""
+    v.add_(current)
+    if max_spikes_per_step == 1:
+        spikes = (v >= v_threshold).to(v.dtype)
+    else:
+        spikes = torch.floor(v / v_threshold).clamp_(0, max_spikes_per_step)
+    v.sub_(spikes * v_threshold)
+    return spikes
+
+
+def leaky_integrate_and_fire(v: torch.Tensor, current: torch.Tensor, v_threshold: torch.Tensor,
+                             max_spikes_per_step: int, decay: float, leak_current: torch.Tensor) -> torch.Tensor:
+    v.mul_(decay).add_(leak_current)
+    return integrate_and_fire(v, current, v_threshold, max_spikes_per_step)
+
+
+def signed_fire(v: torch.Tensor, count: torch.Tensor, current: torch.Tensor, v_threshold: torch.Tensor,
+                levels: float, max_spikes_per_step: int) -> torch.Tensor:
+    """One step of a signed neuron: membrane `v` and spike counter `count`, both updated in place."""
+    v.add_(current)
+    if max_spikes_per_step == 1:
+        up = v >= v_threshold
+        if levels != float("inf"):
+            up &= count < levels
+        spikes = up.to(v.dtype).sub_(((v < 0) & (count > 0)).to(v.dtype))
+    else:
+        k = max_spikes_per_step
+        up = torch.minimum(torch.floor(v / v_threshold).clamp_(0, k), levels - count)
+        down = torch.minimum(torch.ceil(-v / v_threshold).clamp_(0, k), count)
+        spikes = up - down
+    v.sub_(spikes * v_threshold)
+    count.add_(spikes)
+    return spikes
+
+
+def _step_into(dynamics: Callable, spikes: torch.Tensor, activity: torch.Tensor, state: tuple,
+               current: torch.Tensor, constants: tuple) -> None:
+    """One step of `dynamics`, its spikes written into `spikes` and their magnitude per sample into `activity`."""
+    fired = dynamics(*state, current, *constants)
+    spikes.copy_(fired)
+    activity.copy_(fired.abs().flatten(1).sum(1))
+
+
+def _fusion_unavailable(device: torch.device) -> str | None:
+    """Why fused kernels cannot be used on `device`, or None."""
+    if os.environ.get(FUSED_ENV_VAR, "1") == "0":
+        return f"{FUSED_ENV_VAR}=0"
+    if device.type == "cpu":
+        compiler = os.environ.get("CXX")
+        if not any(shutil.which(name) for name in ([compiler] if compiler else ["c++", "g++", "clang++"])):
+            return "no C++ compiler found (set CXX)"
+        return None
+    if device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            return "Triton is not installed"
+        return None
+    return f"no fused kernels for {device.type} tensors"
+
+
+def _flat(tensor: torch.Tensor) -> torch.Tensor:
+    """[batch, ...] as [batch, neurons]: every layer then has the same rank, so that one compiled kernel
+    serves them all (per-channel constants are spelled out over the neurons of one sample)."""
+    return tensor.view(tensor.shape[0], -1)
+
+
+def _flat_constant(value, sample: torch.Tensor):
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.numel() == 1:
+        return value.reshape(())
+    return value.expand(sample.shape).reshape(1, -1)
+
+
+def _fusion_key(dynamics: Callable, state: tuple, current: torch.Tensor, constants: tuple) -> tuple | None:
+    """What selects the compiled kernel of one step (None where fusion does not apply)."""
+    if current.numel() < FUSED_MIN_ELEMENTS or (torch.is_grad_enabled() and current.requires_grad) \
+            or not all(tensor.is_contiguous() for tensor in state) or torch.compiler.is_compiling() \
+            or _fusion_unavailable(current.device) is not None:
+        return None
+    scalar_constants = tuple(c.numel() == 1 for c in constants if isinstance(c, torch.Tensor))
+    return dynamics, current.dtype, current.device.type, scalar_constants
+
+
+def _compiled_step(key: tuple) -> Callable | None:
+    """The compiled `_step_into` for calls of this key; None after its compilation failed."""
+    if key not in _compiled_steps:
+        # TorchDynamo keeps compiled graphs, and its limit on recompilations, per code object: each key
+        # gets a copy of the code of its own. Dynamic shapes: one compilation serves every layer and
+        # batch size; Python constants (levels, spikes per step, decay) specialise it.
+        code_copy = types.FunctionType(_step_into.__code__.replace(), _step_into.__globals__, _step_into.__name__)
+        _compiled_steps[key] = torch.compile(code_copy, dynamic=True, fullgraph=True)
+    return _compiled_steps[key]
+
+
+def _run_steps(dynamics: Callable, spikes: torch.Tensor, activity: torch.Tensor, state: tuple,
+               currents: torch.Tensor, constants: tuple) -> None:
+    """All steps of a chunk: `currents`, `spikes` [steps, batch, ...], `activity` [steps, batch]."""
+    step, start = _step_into, 0
+    key = _fusion_key(dynamics, state, currents[0], constants)
+    fused = _compiled_step(key) if key is not None else None
+    if fused is not None:
+        sample = currents[0, :1]
+        flat_state = tuple(_flat(tensor) for tensor in state)
+        flat_constants = tuple(_flat_constant(value, sample) for value in constants)
+        spikes, currents = spikes.flatten(2), currents.flatten(2)
+        try:
+            fused(dynamics, spikes[0], activity[0], flat_state, currents[0], flat_constants)
+            step, start, state, constants = fused, 1, flat_state, flat_constants
+        except Exception as error:  # a compilation that failed never ran: the state is untouched
+            _compiled_steps[key] = None
+            warnings.warn(f"fused neuron kernel unavailable, running eager torch ops instead: torch.compile "
+                          f"failed ({type(error).__name__}: {str(error).strip()[:300]})", RuntimeWarning, stacklevel=4)
+    for t in range(start, currents.shape[0]):
+        step(dynamics, spikes[t], activity[t], state, currents[t], constants)
+
 
 class SpikingNeuron(TemporalModule):
-    """Membrane state plus spike bookkeeping; subclasses define one step of the dynamics (`fire`).
+    """Membrane state plus spike bookkeeping; subclasses give their dynamics (`dynamics` applied to
+    `state_tensors()`, the current and `constants()`).
 
     Spikes are integers (multiples of one spike, signed for signed neurons) in the membrane's dtype;
     the value a spike stands for is a `Scale` after the neuron, folded downstream by balancing."""
+
+    dynamics: Callable[..., torch.Tensor]
 
     def __init__(self, v_threshold: torch.Tensor, max_spikes_per_step: int = 1, initial_membrane: float = 0.5):
         super().__init__()
@@ -34,17 +174,23 @@ class SpikingNeuron(TemporalModule):
     def init_state(self, like: torch.Tensor) -> None:
         self.v = (self.v_threshold * self.initial_membrane).expand_as(like).clone()
 
+    def state_tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.v,)
+
+    def constants(self) -> tuple:
+        return (self.v_threshold, self.max_spikes_per_step)
+
     def fire(self, current: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """One time step on this neuron's state; returns the spikes."""
+        return type(self).dynamics(*self.state_tensors(), current, *self.constants())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         currents = self.unfold_time(x)
         if self.v is None:
             self.init_state(currents[0])
-        spikes = torch.empty_like(currents)
-        for t in range(self.steps):
-            spikes[t] = self.fire(currents[t])
-        per_step = spikes.abs().flatten(2).sum(2)
+        spikes = torch.empty(currents.shape, dtype=currents.dtype, device=currents.device)
+        per_step = currents.new_empty(currents.shape[:2])
+        _run_steps(type(self).dynamics, spikes, per_step, self.state_tensors(), currents, self.constants())
         self.activity = per_step
         total = per_step.sum(0)
         self.spike_count = total if self.spike_count is None else self.spike_count + total
@@ -59,14 +205,7 @@ class IFNeuron(SpikingNeuron):
     """Integrate-and-fire, reset by subtraction, membrane starting at half threshold (the QCFS shift):
     with a constant input current z its firing rate approaches clamp(z / v_threshold, 0, 1)."""
 
-    def fire(self, current: torch.Tensor) -> torch.Tensor:
-        v = self.v.add_(current)
-        if self.max_spikes_per_step == 1:
-            spikes = (v >= self.v_threshold).to(v.dtype)
-        else:
-            spikes = torch.floor(v / self.v_threshold).clamp_(0, self.max_spikes_per_step)
-        v.sub_(spikes * self.v_threshold)
-        return spikes
+    dynamics = staticmethod(integrate_and_fire)
 
 
 class SignedNeuron(SpikingNeuron):
@@ -80,6 +219,8 @@ class SignedNeuron(SpikingNeuron):
     With rate coding (`levels=None`, threshold theta) it is a signed IF neuron in the manner of Wang et
     al. 2022's signed neuron with memory: it takes back spikes fired too early when its input turns
     out lower than the first steps suggested, which removes most of the IF network's unevenness error."""
+
+    dynamics = staticmethod(signed_fire)
 
     def __init__(self, v_threshold: torch.Tensor, levels: int | None, max_spikes_per_step: int = 1,
                  initial_membrane: float = 0.5):
@@ -95,21 +236,11 @@ class SignedNeuron(SpikingNeuron):
         super().init_state(like)
         self.count = torch.zeros_like(self.v)
 
-    def fire(self, current: torch.Tensor) -> torch.Tensor:
-        v, count = self.v.add_(current), self.count
-        if self.max_spikes_per_step == 1:
-            up = v >= self.v_threshold
-            if self.levels != float("inf"):
-                up &= count < self.levels
-            spikes = up.to(v.dtype).sub_(((v < 0) & (count > 0)).to(v.dtype))
-        else:
-            k = self.max_spikes_per_step
-            up = torch.minimum(torch.floor(v / self.v_threshold).clamp_(0, k), self.levels - count)
-            down = torch.minimum(torch.ceil(-v / self.v_threshold).clamp_(0, k), count)
-            spikes = up - down
-        v.sub_(spikes * self.v_threshold)
-        count.add_(spikes)
-        return spikes
+    def state_tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.v, self.count)
+
+    def constants(self) -> tuple:
+        return (self.v_threshold, self.levels, self.max_spikes_per_step)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, levels={self.levels}"
@@ -124,6 +255,8 @@ class LIFNeuron(IFNeuron):
     from mid-threshold, whose time average is zero while the neuron fires regularly, so the rate
     matches the IF neuron's to first order. Without it, a converted network loses accuracy fast."""
 
+    dynamics = staticmethod(leaky_integrate_and_fire)
+
     def __init__(self, v_threshold: torch.Tensor, decay: float = 0.95, compensate_leak: bool = True,
                  max_spikes_per_step: int = 1, initial_membrane: float = 0.5):
         super().__init__(v_threshold, max_spikes_per_step, initial_membrane)
@@ -133,9 +266,8 @@ class LIFNeuron(IFNeuron):
         self.compensate_leak = compensate_leak
         self.register_buffer("leak_current", v_threshold * ((1.0 - decay) * initial_membrane if compensate_leak else 0.0))
 
-    def fire(self, current: torch.Tensor) -> torch.Tensor:
-        self.v.mul_(self.decay).add_(self.leak_current)
-        return super().fire(current)
+    def constants(self) -> tuple:
+        return (*super().constants(), self.decay, self.leak_current)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, decay={self.decay}, compensate_leak={self.compensate_leak}"

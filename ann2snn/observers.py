@@ -8,17 +8,28 @@ import torch
 THRESHOLD_RULES = ("max", "percentile", "mse")
 
 
+def range_above(top: float) -> float:
+    """The histogram range for a maximum `top`: the smallest power of two above it (0 while only
+    zeros have been seen, since zeros fit any range)."""
+    return math.ldexp(1.0, math.frexp(top)[1]) if top > 0 else 0.0
+
+
 class HistogramObserver:
     """Exact running maximum plus a histogram of the (non-negative) activations, per layer or channel.
 
-    The histogram covers [0, R) with R a power of two that grows by doubling (merging bin pairs) when a
-    larger value arrives, so one pass over any iterable suffices and histograms of different shards
-    with the same R add up exactly. Bin width is R / bins <= 2 * max / bins: percentiles are exact to
-    one bin; zeros are counted apart so they neither skew percentiles nor cost error in the search."""
+    The histogram covers [0, R) with R = range_above(max) over all channels: a function of the
+    maximum alone, not of the order the data came in. It grows by doubling (merging bin pairs) when a
+    larger value arrives, so one pass over any iterable suffices. With a power-of-two bin count the
+    bin of a value, floor(value * bins / R), is computed exactly, and merging pairs at range R gives
+    exactly the bins of range 2R; so the histogram equals the one computed directly at the final range,
+    and histograms of shards, brought to their common range with `rebin`, add up to the histogram of
+    all the data (see `ann2snn.distributed.all_reduce_observers`). Bin width is R / bins <= 2 * max /
+    bins: percentiles are exact to one bin; zeros are counted apart so they neither skew percentiles
+    nor cost error in the search."""
 
     def __init__(self, per_channel: bool, bins: int = 2048):
-        if bins % 2:
-            raise ValueError("bins must be even")
+        if bins < 2 or bins & (bins - 1):
+            raise ValueError(f"bins must be a power of two (so that bins merge exactly), got {bins}")
         self.per_channel = per_channel
         self.bins = bins
         self.max: torch.Tensor | None = None
@@ -42,18 +53,22 @@ class HistogramObserver:
             self.zeros = torch.zeros(count, dtype=torch.float64, device=y.device)
         else:
             self.max = torch.maximum(self.max, batch_max)
-        self._grow_range(float(self.max.max()))
-        index = (channels * (self.bins / self.range)).long().clamp_(0, self.bins - 1)
+        self.rebin(range_above(float(self.max.max())))
+        scale = self.bins / self.range if self.range else 0.0
+        index = (channels * scale).long().clamp_(0, self.bins - 1)
         index += torch.arange(count, device=y.device).unsqueeze(1) * self.bins
         self.hist += torch.bincount(index.flatten(), minlength=count * self.bins).view(count, self.bins)
         self.zeros += (channels <= 0).sum(1)
 
-    def _grow_range(self, top: float) -> None:
+    def rebin(self, new_range: float) -> None:
+        """Widen the histogram to cover [0, new_range), a power of two no smaller than the range."""
+        if new_range < self.range or (new_range > 0 and math.frexp(new_range)[0] != 0.5):
+            raise ValueError(f"cannot rebin a histogram of range {self.range} to {new_range}: the new range "
+                             "must be a power of two no smaller than the current one")
         if self.range == 0.0:
-            self.range = 2.0 ** math.ceil(math.log2(top)) if top > 0 else 1.0
-            if self.range <= top:
-                self.range *= 2
-        while self.range <= top:
+            # Only zeros so far, all in bin 0, where they stay at any range.
+            self.range = new_range
+        while self.range < new_range:
             merged = self.hist.view(self.hist.shape[0], self.bins // 2, 2).sum(2)
             self.hist = torch.cat([merged, torch.zeros_like(merged)], dim=1)
             self.range *= 2

@@ -5,12 +5,15 @@ command line's `model` and `data` sections added), so a report can be re-rendere
 Figures are drawn on matplotlib `Figure` objects directly: no pyplot, no global backend change."""
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+
+from .serialization import _atomic_write
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -89,6 +92,25 @@ def _title(document: Document) -> str:
             f"{config.get('coding', '?')} coding, threshold rule {config.get('threshold_rule', '?')}")
 
 
+def _memory(timing: dict[str, Any]) -> str:
+    """Peak memory, the limit it was planned against and the time steps simulated per chunk (reports
+    written before these were recorded say so)."""
+    peak = timing.get("peak_memory_mb")
+    parts = ["peak not measured" if peak is None else f"peak {peak:.0f} MiB ({timing['peak_memory_measure']})"]
+    if timing.get("memory_limit_mb") is not None:
+        parts.append(f"limit {timing['memory_limit_mb']:.0f} MiB")
+    if timing.get("chunk_size") is not None:
+        parts.append(f"{timing['chunk_size']} time steps per simulated chunk")
+    return ", ".join(parts)
+
+
+def _save_figure(figure: Figure, path: str | Path) -> Path:
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=_DPI)
+    _atomic_write(Path(path), png.getvalue())
+    return Path(path)
+
+
 def _data_lines(document: Document) -> list[str]:
     lines = []
     for role, entry in document.get("data", {}).items():
@@ -122,6 +144,7 @@ def markdown(document: Document) -> str:
             ["Wall time", "Images/s", "SNN simulation", "SNN images/s", "Device"],
             [[f"{timing['wall_s']:.1f} s", f"{timing['images_per_s']:.1f}", f"{timing['snn_s']:.1f} s",
               f"{timing['snn_images_per_s']:.1f}", timing["device"]]]),
+        f"Memory: {_memory(timing)}.",
         "## Configuration\n\n" + _markdown_table(
             ["Setting", "Value"], [[key, f"`{value}`"] for key, value in document["config"].items()]),
         f"![Accuracy against time steps]({ACCURACY_PLOT})\n\n![Spikes per layer]({SPIKES_PLOT})",
@@ -138,6 +161,7 @@ def summary(document: Document) -> str:
         _title(document),
         f"{document['images']} images, {timing['wall_s']:.1f} s ({timing['images_per_s']:.1f} images/s) "
         f"on {timing['device']}",
+        f"Memory: {_memory(timing)}",
         "",
         _text_table(network_header, network_rows),
         "",
@@ -170,8 +194,7 @@ def plot_accuracy_vs_T(document: Document, path: str | Path) -> Path:
                    f"({document['images']} images)", fontsize=10)
     axes.grid(True, alpha=0.3)
     axes.legend(loc="lower right", fontsize=8)
-    figure.savefig(path, dpi=_DPI)
-    return Path(path)
+    return _save_figure(figure, path)
 
 
 def plot_spikes_per_layer(document: Document, path: str | Path) -> Path:
@@ -195,15 +218,15 @@ def plot_spikes_per_layer(document: Document, path: str | Path) -> Path:
     rate_axes.legend(fontsize=8)
     for axes in (spikes_axes, rate_axes):
         axes.grid(True, axis="y", alpha=0.3)
-    figure.savefig(path, dpi=_DPI)
-    return Path(path)
+    return _save_figure(figure, path)
 
 
 def write_report(document: Document, directory: str | Path) -> list[Path]:
-    """Write report.json, report.md and the two figures into `directory`; returns their paths."""
+    """Write report.json, report.md and the two figures into `directory`; returns their paths. Each file
+    appears complete or not at all (written under a temporary name, then renamed)."""
     directory = Path(directory)
     json_path, markdown_path = directory / REPORT_JSON, directory / REPORT_MD
-    json_path.write_text(json.dumps(document, indent=2) + "\n")
-    markdown_path.write_text(markdown(document))
+    _atomic_write(json_path, (json.dumps(document, indent=2) + "\n").encode())
+    _atomic_write(markdown_path, markdown(document).encode())
     return [json_path, markdown_path, plot_accuracy_vs_T(document, directory / ACCURACY_PLOT),
             plot_spikes_per_layer(document, directory / SPIKES_PLOT)]

@@ -12,6 +12,11 @@ from .neurons import SpikingNeuron
 
 CODINGS = ("rate", "accumulate")
 _SHAPE_QUERIES = {"size", "dim"}
+# What `plan` aims at for the largest activation of one body call: about a core's L2 cache, where the
+# neuron update finds the current the convolution before it has just written.
+WORKING_SET_BYTES = 1 << 20
+# With stop_when_quiet, the network is checked for quiet after every chunk: short chunks stop sooner.
+QUIET_CHECK_STEPS = 4
 
 
 @dataclass
@@ -38,6 +43,53 @@ def _is_temporal_dynamic(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_method" and node.target in _SHAPE_QUERIES:
         return True
     return node.op == "call_function" and node.target is getattr and node.args[1] == "shape"
+
+
+class _ActivationSizes(fx.Interpreter):
+    """Runs a graph to record its largest output, without module hooks (measuring must not count as a
+    use, e.g. for operation counters) and without neuron dynamics (a neuron's output is shaped like its
+    input)."""
+
+    def __init__(self, module: fx.GraphModule):
+        super().__init__(module)
+        self.largest = 0
+
+    def call_module(self, target, args, kwargs):
+        module = self.fetch_attr(target)
+        return args[0] if isinstance(module, SpikingNeuron) else module.forward(*args, **kwargs)
+
+    def run_node(self, node: fx.Node):
+        result = super().run_node(node)
+        if isinstance(result, torch.Tensor) and node.op != "get_attr":
+            self.largest = max(self.largest, result.numel() * result.element_size())
+        return result
+
+
+class _ChunkInputs:
+    """The body's inputs for each chunk, from the static prefix's values: repeated at every step (rate
+    coding) or given at step 0 only (accumulate coding). Rows are step-major, so a chunk shorter than the
+    longest takes the leading rows of frames built once per sub-batch (the body never writes its inputs)."""
+
+    def __init__(self, values: tuple, coding: str, chunk: int, batch: int):
+        self.values, self.coding, self.chunk, self.batch = values, coding, chunk, batch
+        self._built: dict[bool, tuple] = {}
+
+    def _frames(self, value, first: bool):
+        if not isinstance(value, torch.Tensor):
+            return value
+        if self.coding == "rate":
+            return value.unsqueeze(0).expand((self.chunk,) + tuple(value.shape)).flatten(0, 1)
+        frames = value.new_zeros((self.chunk,) + tuple(value.shape))
+        if first:
+            frames[0] = value
+        return frames.flatten(0, 1)
+
+    def frames(self, t0: int, steps: int) -> tuple:
+        first = t0 == 0 and self.coding == "accumulate"
+        if first not in self._built:
+            self._built[first] = tuple(self._frames(value, first) for value in self.values)
+        return tuple(frames[:steps * self.batch] if isinstance(frames, torch.Tensor) else frames
+                     for frames in self._built[first])
 
 
 def split_static_prefix(gm: fx.GraphModule) -> tuple[fx.GraphModule, fx.GraphModule]:
@@ -124,34 +176,79 @@ class SpikingNetwork(nn.Module):
         self.t += 1
         return out
 
-    def _broadcast(self, value: torch.Tensor, t0: int, steps: int) -> torch.Tensor:
-        if not isinstance(value, torch.Tensor):
-            return value
-        if self.coding == "rate":
-            return value.unsqueeze(0).expand((steps,) + tuple(value.shape)).flatten(0, 1)
-        frames = torch.zeros((steps,) + tuple(value.shape), dtype=value.dtype, device=value.device)
-        if t0 == 0:
-            frames[0] = value
-        return frames.flatten(0, 1)
-
     def default_chunk(self, batch: int) -> int:
+        """The most time steps one body call may fold together for `batch` samples (the simulator may
+        fold fewer, see `plan`)."""
         return self.chunk_size or max(1, 1024 // max(batch, 1))
+
+    def largest_activation(self, x: torch.Tensor) -> int:
+        """Bytes of the largest tensor one sample makes in one step of the body, for inputs like x."""
+        # (made here rather than in __init__: networks saved before it existed load without it)
+        cache = self.__dict__.setdefault("_activation_bytes", {})
+        key = (tuple(x.shape[1:]), x.dtype, x.device)
+        if key not in cache:
+            self.reset()
+            try:
+                for module in self._temporal():
+                    module.set_window(0, 1)
+                probe = _ActivationSizes(self.body)
+                probe.run(*_ActivationSizes(self.prefix).run(x[:1]))
+                cache[key] = max(1, probe.largest)
+            finally:
+                self.reset()
+        return cache[key]
+
+    def plan(self, x: torch.Tensor, chunk_size: int | None = None, sub_batch: int | None = None) -> tuple[int, int]:
+        """(samples per sub-batch, time steps per chunk) for simulating x: body calls whose largest
+        activation is about WORKING_SET_BYTES, so that each layer's output is still in cache when the
+        next reads it, and the network's state grows with the sub-batch, not with the batch. A chunk has
+        at most `chunk_size` (default `default_chunk`) steps."""
+        batch = min(sub_batch or x.shape[0], x.shape[0])
+        rows = max(1, WORKING_SET_BYTES // self.largest_activation(x))
+        steps = max(1, min(chunk_size or self.default_chunk(batch), rows // batch))
+        return sub_batch or min(batch, max(1, rows // steps)), steps
 
     @torch.no_grad()
     def simulate(self, x: torch.Tensor, T_list: list[int] | None = None, *, chunk_size: int | None = None,
-                 stop_when_quiet: bool = False, quiet_steps: int = 1) -> SimulationResult:
+                 stop_when_quiet: bool = False, quiet_steps: int = 1,
+                 sub_batch: int | None = None) -> SimulationResult:
+        """Simulate max(T_list) steps on the static input batch x, the outputs at every T of T_list.
+
+        The batch is simulated in sub-batches of `sub_batch` samples, each in chunks of at most
+        `chunk_size` time steps folded into one body call (see `plan`); results do not depend on either.
+        With `stop_when_quiet` (accumulate coding) a sub-batch stops once all its samples are quiet."""
         T_list = sorted(set(T_list or [self.T]))
         for T in T_list:
             check_steps("every T", T)
+        if chunk_size is not None:
+            check_steps("chunk_size", chunk_size)
+        if sub_batch is not None and (not isinstance(sub_batch, int) or isinstance(sub_batch, bool) or sub_batch < 1):
+            raise ValueError(f"sub_batch must be a positive number of samples, got {sub_batch!r}")
         if stop_when_quiet and self.coding != "accumulate":
             raise ValueError("stop_when_quiet needs accumulate coding (neuron='signed'): a rate-coded "
                              "network keeps integrating its input, so a quiet step says nothing")
-        chunk = chunk_size or (min(4, self.default_chunk(x.shape[0])) if stop_when_quiet else self.default_chunk(x.shape[0]))
+        if stop_when_quiet and chunk_size is None:
+            chunk_size = QUIET_CHECK_STEPS
+        samples, steps = self.plan(x, chunk_size, sub_batch)
+        parts = [self._simulate_samples(x[i:i + samples], T_list, steps, stop_when_quiet, quiet_steps)
+                 for i in range(0, x.shape[0], samples)]
+        if len(parts) == 1:
+            return parts[0]
+        return SimulationResult(
+            outputs={T: torch.cat([part.outputs[T] for part in parts]) for T in T_list},
+            spikes={T: {name: torch.cat([part.spikes[T][name] for part in parts]) for name in parts[0].spikes[T]}
+                    for T in T_list},
+            steps_used=torch.cat([part.steps_used for part in parts]),
+            steps_simulated=max(part.steps_simulated for part in parts))
+
+    def _simulate_samples(self, x: torch.Tensor, T_list: list[int], chunk: int, stop_when_quiet: bool,
+                          quiet_steps: int) -> SimulationResult:
         self.reset()
         batch = x.shape[0]
-        for module in self._temporal():
+        temporal = self._temporal()
+        for module in temporal:
             module.set_window(0, 1)
-        static = self.prefix(x)
+        inputs = _ChunkInputs(self.prefix(x), self.coding, chunk, batch)
         neurons = self.neurons
         total: torch.Tensor | None = None
         outputs, spikes = {}, {}
@@ -161,9 +258,9 @@ class SpikingNetwork(nn.Module):
         for T in T_list:
             while t < T and not (stop_when_quiet and bool((done_at < T_list[-1]).all())):
                 steps = min(chunk, T - t)
-                for module in self._temporal():
+                for module in temporal:
                     module.set_window(t, steps)
-                out = self.body(*(self._broadcast(v, t, steps) for v in static))
+                out = self.body(*inputs.frames(t, steps))
                 step_sum = out.reshape((steps, batch) + tuple(out.shape[1:])).sum(0)
                 total = step_sum if total is None else total + step_sum
                 if stop_when_quiet:

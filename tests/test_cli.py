@@ -20,7 +20,8 @@ from ann2snn.data import SHARED_ENV_VAR, cifar10_transform, make_loader, open_da
 from ann2snn.model_loading import Preprocessing, save_checkpoint
 from models import build_model
 
-REPORT_FILES = {"snn.pt", "report.json", "report.md", "accuracy_vs_T.png", "spikes_per_layer.png"}
+REPORT_FILES = {"report.json", "report.md", "accuracy_vs_T.png", "spikes_per_layer.png"}
+CONVERSION_FILES = REPORT_FILES | {"snn.pt", "snn.onnx", "snn-step.onnx"}
 CLASSES = ("cat", "dog", "frog")
 FAST = ["--T", "4", "--T-list", "2,4", "--no-progress"]
 
@@ -73,7 +74,7 @@ def test_convert_writes_everything_and_the_snn_reloads(capsys, image_tree: Path,
     out = tmp_path / "out"
     code, stdout, _ = run(capsys, *convert_args(resnet20_checkpoint, image_tree / "test", out))
     assert code == 0
-    assert {path.name for path in out.iterdir()} == REPORT_FILES
+    assert {path.name for path in out.iterdir()} == CONVERSION_FILES
     assert f"Wrote {out}/" in stdout and "QANN" in stdout
 
     document = json.loads((out / "report.json").read_text())
@@ -100,7 +101,7 @@ def test_default_output_directory_and_force(capsys, image_tree: Path, resnet20_c
     args = ["convert", resnet20_checkpoint, "--calib", data, "--eval", data, *FAST]
     assert run(capsys, *args)[0] == 0
     out = tmp_path / "resnet20-snn"
-    assert {path.name for path in out.iterdir()} == REPORT_FILES
+    assert {path.name for path in out.iterdir()} == CONVERSION_FILES
     (out / "report.md").write_text("previous run")
 
     code, _, err = run(capsys, *args)
@@ -198,7 +199,7 @@ def test_eval_of_a_conversion_directory_file_and_checkpoint(capsys, image_tree: 
     assert again["accuracy"] == converted["accuracy"]
     assert again["synops_per_image"] == pytest.approx(converted["synops_per_image"])
     assert again["model"]["arch"] == "resnet20"
-    assert {path.name for path in (tmp_path / "again").iterdir()} == REPORT_FILES - {"snn.pt"}
+    assert {path.name for path in (tmp_path / "again").iterdir()} == REPORT_FILES
 
     code, stdout, _ = run(capsys, "eval", out / "snn.pt", "--data", data, "--no-progress")
     snn_rows = [line.split()[1] for line in stdout.splitlines() if line.split()[:1] == ["SNN"]]

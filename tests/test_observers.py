@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from ann2snn.observers import HistogramObserver
+from ann2snn.observers import HistogramObserver, range_above
 
 
 def reference_histogram(values: torch.Tensor, value_range: float, bins: int) -> torch.Tensor:
@@ -35,7 +35,9 @@ def test_range_growth_keeps_counts_and_exact_max(bins: int) -> None:
         assert float(observer.zeros.sum()) == int((values <= 0).sum())
         assert float(observer.positive_histogram().sum()) == int((values > 0).sum())
         assert float(observer.max) == float(values.max())
-        assert observer.range > float(values.max())
+        # the range is the smallest power of two above the maximum; 0 while there are only zeros
+        assert observer.range == range_above(float(values.max()))
+        assert observer.range > float(values.max()) or observer.range == float(values.max()) == 0
     # the merged histogram equals a histogram of all values computed directly at the final range
     assert observer.range > 100 and observer.range < 2 * 2 * float(values.max())
     torch.testing.assert_close(observer.hist[0], reference_histogram(values, observer.range, bins), rtol=0, atol=0)
@@ -103,8 +105,9 @@ def test_mse_threshold_never_worse_than_max() -> None:
 
 
 def test_observer_errors() -> None:
-    with pytest.raises(ValueError, match="even"):
-        HistogramObserver(per_channel=False, bins=7)
+    for bins in (7, 6, 1):
+        with pytest.raises(ValueError, match="power of two"):
+            HistogramObserver(per_channel=False, bins=bins)
     observer = HistogramObserver(per_channel=False)
     with pytest.raises(RuntimeError, match="no data"):
         observer.threshold("max", 3)
@@ -132,3 +135,61 @@ def test_infinite_activation_does_not_hang() -> None:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def observed(batches, per_channel: bool = False, bins: int = 64) -> HistogramObserver:
+    observer = HistogramObserver(per_channel=per_channel, bins=bins)
+    for y in batches:
+        observer.update(y)
+    return observer
+
+
+def assert_same_statistics(observer: HistogramObserver, reference: HistogramObserver) -> None:
+    assert observer.range == reference.range
+    for field in ("max", "hist", "zeros"):
+        torch.testing.assert_close(getattr(observer, field), getattr(reference, field), rtol=0, atol=0)
+
+
+def test_range_and_histogram_do_not_depend_on_the_order_of_the_data() -> None:
+    # A zero-only batch first used to fix the range at 1.0, coarser than the 2**-9 the small values need.
+    batches = [torch.zeros(4, 3, 2, 2), torch.rand(4, 3, 2, 2) * 0.001, torch.rand(4, 3, 2, 2) * 0.0015]
+    forward, backward = observed(batches, per_channel=True), observed(batches[::-1], per_channel=True)
+    assert forward.range == backward.range == 2.0 ** -9
+    assert_same_statistics(forward, backward)
+    for rule in ("max", "percentile", "mse"):
+        torch.testing.assert_close(forward.threshold(rule, 3), backward.threshold(rule, 3), rtol=0, atol=0)
+
+
+def test_only_zeros_give_zero_range_and_zero_thresholds() -> None:
+    observer = observed([torch.zeros(2, 3), -torch.rand(2, 3)])  # negative inputs count as zeros
+    assert observer.range == 0.0 and float(observer.zeros.sum()) == 12 == float(observer.hist[0, 0])
+    for rule in ("max", "percentile", "mse"):
+        assert float(observer.threshold(rule, 3)) == 0.0
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_shards_rebinned_to_the_common_range_add_up_to_one_pass_over_all_data(per_channel: bool) -> None:
+    """What the all-reduce of data-parallel calibration does: each shard's histogram widened to the
+    range of the overall maximum, counts summed, gives exactly the histogram of one pass over all."""
+    batches = growing_batches(5) + [torch.full((2, 3, 4, 4), 4.0)]  # a power-of-two maximum too
+    whole = observed(batches, per_channel)
+    for shards in ([batches[:1], batches[1:]], [batches[::2], batches[1::2]], [batches[5:], batches[:3], batches[3:5]]):
+        observers = [observed(shard, per_channel) for shard in shards]
+        top = torch.stack([observer.max for observer in observers]).amax(0)
+        assert {observer.range for observer in observers} != {whole.range}  # the shards do need rebinning
+        for observer in observers:
+            observer.rebin(range_above(float(top.max())))
+        assert all(observer.range == whole.range for observer in observers)
+        torch.testing.assert_close(top, whole.max, rtol=0, atol=0)
+        torch.testing.assert_close(sum(observer.hist for observer in observers), whole.hist, rtol=0, atol=0)
+        torch.testing.assert_close(sum(observer.zeros for observer in observers), whole.zeros, rtol=0, atol=0)
+
+
+def test_rebin_only_widens_to_powers_of_two() -> None:
+    observer = observed([torch.tensor([[0.5, 1.5]])], bins=8)
+    assert observer.range == 2.0
+    for bad in (1.0, 3.0, 6.0):
+        with pytest.raises(ValueError, match="power of two no smaller"):
+            observer.rebin(bad)
+    observer.rebin(8.0)
+    assert observer.range == 8.0 and observer.hist[0].tolist() == [1, 1, 0, 0, 0, 0, 0, 0]  # 0.5 and 1.5, width 1

@@ -7,9 +7,10 @@ from .fold_batchnorm import fold_batchnorm
 from .insert_quantizers import insert_quantizers
 from .normalize_activations import normalize_activations
 from .remove_identities import remove_identities
+from .set_thresholds import set_thresholds
 from .trace import trace
 
 __all__ = [
     "balance_thresholds", "calibrate_thresholds", "check_supported", "emit_neurons", "fold_batchnorm",
-    "insert_quantizers", "normalize_activations", "observing", "remove_identities", "trace",
+    "insert_quantizers", "normalize_activations", "observing", "remove_identities", "set_thresholds", "trace",
 ]

@@ -1,5 +1,6 @@
 """Pass 7 (activation matching): run calibration batches through the float network, collect each
-activation's statistics and set every quantizer's threshold by the chosen rule."""
+activation's statistics and set every quantizer's threshold by the chosen rule. In a torch.distributed
+process group each process passes its own shard, and the statistics of all are combined exactly."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -9,6 +10,7 @@ import torch
 import torch.fx as fx
 
 from ..batching import device_of, model_inputs
+from ..distributed import all_reduce_observers, require_on_every_process
 from ..errors import ConversionError
 from ..graph_utils import finalize
 from ..layers import QCFSQuantizer
@@ -35,8 +37,9 @@ def calibrate_thresholds(gm: fx.GraphModule, batches: Iterable[Any], rule: str =
         for x in model_inputs(batches, device_of(gm)):
             gm(x)
             seen += 1
-        if seen == 0:
-            raise ValueError("the calibration loader yielded no batches")
+        require_on_every_process(seen > 0, "the calibration loader yielded no batches")
+        # Under torchrun every process saw its own shard; thresholds are chosen from all of them.
+        all_reduce_observers({name: quantizer.observer for name, quantizer in quantizers.items()})
         for name, quantizer in quantizers.items():
             if quantizer.observer.max is None:
                 raise ConversionError(f"activation '{name}' was never reached by the calibration data")
