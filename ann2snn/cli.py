@@ -100,44 +100,23 @@ def _bits(text: str) -> int:
     return value
 
 
-def _percentile(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value <= 100:
-        raise argparse.ArgumentTypeError(f"expected a percentile in (0, 100], got {text!r}")
-    return value
+def _number_in(what: str, accepts: Callable[[float], bool]) -> Callable[[str], float]:
+    """An argparse type: a float that `accepts` admits, else an error that says `what` was expected."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")  # refused below, with the same message
+        if not accepts(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text!r}")
-    return value
-
-
-def _bit_budget(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 1 <= value <= 8:
-        raise argparse.ArgumentTypeError(f"expected a mean number of bits per neuron in [1, 8], got {text!r}")
-    return value
-
-
-def _megabytes(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number of MiB, got {text!r}")
-    return value
+_percentile = _number_in("a percentile in (0, 100]", lambda value: 0 < value <= 100)
+_fraction = _number_in("a fraction in (0, 1)", lambda value: 0 < value < 1)
+_bit_budget = _number_in("a mean number of bits per neuron in [1, 8]", lambda value: 1 <= value <= 8)
+_megabytes = _number_in("a positive number of MiB", lambda value: 0 < value < float("inf"))
 
 
 def _numbers(tokens: Sequence[str] | None, kind: type) -> list | None:
@@ -541,8 +520,7 @@ def _eval_command(args: argparse.Namespace) -> int:
     if is_saved_network(saved_file):
         saved = load_saved(saved_file, map_location=device)
         snn, ann = saved.snn, saved.ann
-        settings = {**saved.metadata.get("preprocessing", {}), **_preprocessing_overrides(args)}
-        preprocessing = Preprocessing.from_dict(settings)
+        preprocessing = _saved_preprocessing(args, saved)
         model_entry = {**saved.metadata.get("model", {}), "preprocessing": preprocessing.to_dict()}
         document = _evaluate_document(args, snn, ann, _open_data(data_spec, args.eval_size, args.seed, preprocessing),
                                       model_entry, {})
@@ -573,8 +551,7 @@ def _analyze_command(args: argparse.Namespace) -> int:
     if is_saved_network(saved_file):
         saved = load_saved(saved_file, map_location=device)
         snn = saved.snn
-        preprocessing = Preprocessing.from_dict({**saved.metadata.get("preprocessing", {}),
-                                                 **_preprocessing_overrides(args)})
+        preprocessing = _saved_preprocessing(args, saved)
     else:
         loaded = _load(args, args.target)
         snn, _ = _convert_loaded(args, loaded, device)
@@ -590,6 +567,11 @@ def _analyze_command(args: argparse.Namespace) -> int:
     print(analysis_summary(analysis))
     print(f"\nWrote {out}/: {', '.join(files)}")
     return 0
+
+
+def _saved_preprocessing(args: argparse.Namespace, saved) -> Preprocessing:
+    """The preprocessing a saved conversion recorded, with the command line's overrides."""
+    return Preprocessing.from_dict({**saved.metadata.get("preprocessing", {}), **_preprocessing_overrides(args)})
 
 
 def _saved_network_file(target: Path) -> Path:

@@ -21,3 +21,16 @@ def randomize_bn(model: nn.Module, mean: float = 0.5, var: tuple[float, float] =
                     m.weight.uniform_(*weight)
                     m.bias.uniform_(*bias)
     return model
+
+
+def qann_levels(qann: nn.Module, x: torch.Tensor, names) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The QANN's output for x and the quantized level of each named quantizer on the way."""
+    levels = {}
+    hooks = [qann.get_submodule(name).register_forward_hook(
+        lambda quantizer, inputs, _, name=name: levels.__setitem__(name, quantizer.quantized_level(inputs[0])))
+        for name in names]
+    try:
+        return qann(x), levels
+    finally:
+        for hook in hooks:
+            hook.remove()

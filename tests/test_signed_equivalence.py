@@ -12,7 +12,7 @@ from torch import nn
 
 import ann2snn
 from ann2snn.layers import QCFSQuantizer
-from tests.helpers import randomize_bn
+from tests.helpers import qann_levels, randomize_bn
 
 
 class RandomBlock(nn.Module):
@@ -76,12 +76,8 @@ def test_signed_network_settles_on_the_qann(seed: int) -> None:
     snn = ann2snn.convert(model, calib, qbits=qbits, T=4096, neuron="signed").double()
     x = torch.randn(4, 3, 12, 12, dtype=torch.float64)
 
-    levels = {}
-    hooks = [q.register_forward_hook(lambda q, inputs, _, name=name: levels.__setitem__(name, q.quantized_level(inputs[0])))
-             for name, q in snn.qann.named_modules() if isinstance(q, QCFSQuantizer)]
-    expected = snn.qann(x)
-    for hook in hooks:
-        hook.remove()
+    expected, levels = qann_levels(snn.qann, x, [name for name, q in snn.qann.named_modules()
+                                                 if isinstance(q, QCFSQuantizer)])
     result = snn.simulate(x, [4096], stop_when_quiet=True)
 
     assert int(result.steps_used.max()) < 4096, "the network never fell quiet"

@@ -11,7 +11,7 @@ import ann2snn
 from ann2snn.layers import ClippedReLU, QCFSQuantizer
 from ann2snn.passes import insert_quantizers, normalize_activations, trace
 from ann2snn.passes.insert_quantizers import activation_nodes, activation_roles, check_qbits, quantizer_bits
-from tests.helpers import randomize_bn
+from tests.helpers import qann_levels, randomize_bn
 
 
 class Net(nn.Module):
@@ -169,13 +169,7 @@ def test_mixed_bits_reach_the_signed_neurons_and_the_snn_equals_the_qann() -> No
         torch.testing.assert_close(neuron.v_threshold, qann.get_submodule(name).theta / (2 ** expected[name] - 1))
     assert snn.config["qbits"] == "mixed" and snn.config["qbits_per_layer"] == expected
     x = torch.randn(12, 3, 8, 8, dtype=torch.float64)
-    levels = {}
-    hooks = [qann.get_submodule(name).register_forward_hook(
-        lambda quantizer, inputs, _, name=name: levels.__setitem__(name, quantizer.quantized_level(inputs[0])))
-        for name in expected]
-    reference = qann(x)
-    for hook in hooks:
-        hook.remove()
+    reference, levels = qann_levels(qann, x, expected)
     result = snn.simulate(x, [128], stop_when_quiet=True)
     assert int(result.steps_used.max()) < 128, "the network never fell quiet"
     for name, neuron in snn.neurons.items():
