@@ -7,7 +7,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from .errors import ConversionError
+from .errors import ConversionError, InputError
 
 IMAGE_KEYS = ("image", "images", "img", "input", "inputs", "x", "pixel_values")
 _LISTED = 3
@@ -23,8 +23,8 @@ def batch_input(batch: Any) -> torch.Tensor:
         for key in IMAGE_KEYS:
             if isinstance(batch.get(key), torch.Tensor):
                 return batch[key]
-        raise ValueError(f"batch dict has none of the input keys {IMAGE_KEYS}; keys are {sorted(batch)}")
-    raise ValueError(f"cannot find the input tensor in a batch of type {type(batch).__name__}: expected a "
+        raise InputError(f"batch dict has none of the input keys {IMAGE_KEYS}; keys are {sorted(batch)}")
+    raise InputError(f"cannot find the input tensor in a batch of type {type(batch).__name__}: expected a "
                      "tensor, an (inputs, labels) tuple/list or a dict with an image key")
 
 
@@ -63,44 +63,44 @@ def _size(shape: torch.Size | tuple[int, ...]) -> str:
 
 def check_input_batch(x: torch.Tensor, where: str, like: torch.Tensor | None = None) -> torch.Tensor:
     """`x` if it is a usable input batch: a non-empty [batch, ...] floating tensor of finite values whose
-    samples have the shape of the samples of `like` (an earlier batch); else a ValueError about `where`."""
+    samples have the shape of the samples of `like` (an earlier batch); else an InputError about `where`."""
     if not x.is_floating_point():
-        raise ValueError(f"{where}: inputs are {x.dtype}, not floating point; convert the images to float "
+        raise InputError(f"{where}: inputs are {x.dtype}, not floating point; convert the images to float "
                          "first (e.g. transforms.ToTensor(), or x.float() / 255)")
     if x.dim() < 2 or x.shape[0] == 0:
-        raise ValueError(f"{where}: expected a non-empty batch of inputs [batch, ...], got shape {tuple(x.shape)}")
+        raise InputError(f"{where}: expected a non-empty batch of inputs [batch, ...], got shape {tuple(x.shape)}")
     if like is not None and x.shape[1:] != like.shape[1:]:
-        raise ValueError(f"{where}: inputs of size {_size(x.shape[1:])}, but the first batch had "
+        raise InputError(f"{where}: inputs of size {_size(x.shape[1:])}, but the first batch had "
                          f"{_size(like.shape[1:])}; every batch must hold inputs of one size")
     if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{where}: inputs contain NaN or Inf values")
+        raise InputError(f"{where}: inputs contain NaN or Inf values")
     return x
 
 
 def check_model_accepts(model: torch.nn.Module, x: torch.Tensor, hint: str = "") -> torch.Tensor:
-    """The model's output for the first sample of `x`, or a ValueError when it cannot take such inputs:
+    """The model's output for the first sample of `x`, or an InputError when it cannot take such inputs:
     a dtype other than its weights', or a size its layers reject (the message names both and `hint`)."""
     weights_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     if weights_dtype is not None and x.dtype != weights_dtype:
-        raise ValueError(f"the inputs are {x.dtype} but the model's weights are {weights_dtype}; convert one "
+        raise InputError(f"the inputs are {x.dtype} but the model's weights are {weights_dtype}; convert one "
                          f"to the other (x.to({weights_dtype}) or model.to({x.dtype})){hint}")
     try:
         with torch.no_grad():
             return model(x[:1])
     except RuntimeError as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ValueError(f"wrong input size: the model rejects {_size(x.shape[1:])} inputs ({reason}){hint}") from error
+        raise InputError(f"wrong input size: the model rejects {_size(x.shape[1:])} inputs ({reason}){hint}") from error
 
 
 def check_labels(labels: torch.Tensor, inputs: int, classes: int, where: str) -> None:
     """Labels must be one integer class index per input, each a valid index of the model's `classes` outputs."""
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool \
             or labels.dim() != 1 or labels.numel() != inputs:
-        raise ValueError(f"{where}: expected one integer class label per input ({inputs}), got a {labels.dtype} "
+        raise InputError(f"{where}: expected one integer class label per input ({inputs}), got a {labels.dtype} "
                          f"tensor of shape {tuple(labels.shape)}")
     out_of_range = labels[(labels < 0) | (labels >= classes)]
     if out_of_range.numel():
-        raise ValueError(f"{where}: labels out of range: {_abbreviate([str(v) for v in out_of_range.unique().tolist()])}"
+        raise InputError(f"{where}: labels out of range: {_abbreviate([str(v) for v in out_of_range.unique().tolist()])}"
                          f", but the model has {classes} outputs (labels 0..{classes - 1}); check that the data and "
                          "the model have the same classes")
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.fx as fx
@@ -67,6 +67,15 @@ _AVG_POOL_FUNCTIONS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_
 
 class UsageError(Exception):
     """The command line asks for something impossible; nothing has been done yet."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors printed as one line, like every other error (argparse's own print the
+    whole usage first, which buries the reason under twenty lines of options). The subcommands' parsers
+    are of the same class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{PROGRAM}: error: {message} (`{self.prog} --help` lists the options)\n")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -211,7 +220,7 @@ def _run_arguments() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROGRAM, description="Compile trained PyTorch ANNs into spiking "
+    parser = _Parser(prog=PROGRAM, description="Compile trained PyTorch ANNs into spiking "
                                      "neural networks, and measure them.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     model, conversion, run = _model_arguments(), _conversion_arguments(), _run_arguments()
@@ -311,7 +320,7 @@ def _check_model_input(model: nn.Module, dataset: Dataset, device: torch.device,
                                   "; set --image-size C,H,W or check the data")
     labels = known_labels(dataset) if labelled else None
     if labels and max(labels) >= outputs.shape[-1]:
-        raise ValueError(f"labels out of range: the evaluation data has {max(labels) + 1} classes but the model "
+        raise ValueError(f"labels out of range: the evaluation data has {max(labels) + 1} classes but the model has "
                          f"{outputs.shape[-1]} outputs; check the data, or the model's --num-classes")
 
 

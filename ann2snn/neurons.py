@@ -12,6 +12,7 @@ the same spikes bit for bit, in one pass over memory instead of one per operatio
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
 import types
@@ -116,12 +117,25 @@ def _fusion_key(dynamics: Callable, state: tuple, current: torch.Tensor, constan
 def _compiled_step(key: tuple) -> Callable | None:
     """The compiled `_step_into` for calls of this key; None after its compilation failed."""
     if key not in _compiled_steps:
+        _import_quietly("torch.utils.cpp_extension")
         # TorchDynamo keeps compiled graphs, and its limit on recompilations, per code object: each key
         # gets a copy of the code of its own. Dynamic shapes: one compilation serves every layer and
         # batch size; Python constants (levels, spikes per step, decay) specialise it.
         code_copy = types.FunctionType(_step_into.__code__.replace(), _step_into.__globals__, _step_into.__name__)
         _compiled_steps[key] = torch.compile(code_copy, dynamic=True, fullgraph=True)
     return _compiled_steps[key]
+
+
+def _import_quietly(module: str) -> None:
+    """Import `module` with its logger's warnings off: Inductor's C++ backend imports cpp_extension,
+    whose import warns on every machine without CUDA that it found no CUDA runtime."""
+    logger = logging.getLogger(module)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        importlib.import_module(module)
+    finally:
+        logger.setLevel(level)
 
 
 def _run_steps(dynamics: Callable, spikes: torch.Tensor, activity: torch.Tensor, state: tuple,

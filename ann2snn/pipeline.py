@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from .errors import ConversionError
+from .errors import ConversionError, InputError
 
 Pass = Callable[[Any], Any]
 
@@ -20,6 +20,8 @@ class Pipeline:
         for name, run_pass in self.passes:
             try:
                 subject = run_pass(subject)
+            except InputError:
+                raise
             except ConversionError as error:
                 raise ConversionError(f"[pass {name}] {error}") from error
             except Exception as error:

@@ -1,6 +1,8 @@
 """Helpers shared by the tests."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -34,3 +36,22 @@ def qann_levels(qann: nn.Module, x: torch.Tensor, names) -> tuple[torch.Tensor, 
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def digits_checkpoint(directory: Path, classes: int = 10, name: str = "digits.pt") -> Path:
+    """A small trusted pickled CNN for MNIST digits (mnist5k data): three activations, two BatchNorms."""
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(
+        nn.Conv2d(1, 6, 3, stride=2), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Conv2d(6, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, classes))).eval()
+    path = directory / name
+    torch.save(model, path)
+    return path
+
+
+def digits_args(checkpoint: Path, *extra: str | Path) -> list[str]:
+    """`ann2snn convert` of a digits_checkpoint on a few mnist5k images, fast: T 4, no progress bars."""
+    return [str(arg) for arg in ("convert", checkpoint, "--calib", "mnist5k", "--eval", "mnist5k", "--calib-size", 40,
+                                 "--eval-size", 20, "--trust-pickle", "--image-size", "1,28,28", "--mean", "0.13",
+                                 "--std", "0.31", "--T", 4, "--T-list", "4", "--no-progress", *extra)]

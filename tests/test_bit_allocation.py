@@ -13,7 +13,7 @@ import ann2snn
 from ann2snn.bit_allocation import allocate_bits, mean_bits, read_qbits_config
 from ann2snn.cli import main
 from ann2snn.passes.insert_quantizers import quantizer_bits
-from tests.helpers import randomize_bn
+from tests.helpers import digits_args, digits_checkpoint, randomize_bn
 
 
 class TwoPaths(nn.Module):
@@ -136,24 +136,6 @@ def test_qbits_config_files(tmp_path: Path) -> None:
 
 
 # Command line -----------------------------------------------------------------------------------------------
-
-
-def digits_checkpoint(directory: Path) -> Path:
-    """A small trusted pickled CNN for MNIST digits (mnist5k data): three activations, two BatchNorms."""
-    torch.manual_seed(0)
-    model = randomize_bn(nn.Sequential(
-        nn.Conv2d(1, 6, 3, stride=2), nn.BatchNorm2d(6), nn.ReLU(),
-        nn.Conv2d(6, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 10))).eval()
-    path = directory / "digits.pt"
-    torch.save(model, path)
-    return path
-
-
-def digits_args(checkpoint: Path, *extra: str | Path) -> list[str]:
-    return [str(arg) for arg in ("convert", checkpoint, "--calib", "mnist5k", "--eval", "mnist5k", "--calib-size", 40,
-                                 "--eval-size", 20, "--trust-pickle", "--image-size", "1,28,28", "--mean", "0.13",
-                                 "--std", "0.31", "--T", 4, "--T-list", "4", "--no-progress", *extra)]
 
 
 def test_command_line_per_layer_bits_and_budget(capsys, tmp_path: Path) -> None:
