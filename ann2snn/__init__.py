@@ -10,5 +10,7 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 from .evaluate import evaluate
+from .finetune import finetune
+from .onnx_export import export_onnx
 from .serialization import load, save
-__all__ += ["evaluate", "load", "save"]
+__all__ += ["evaluate", "export_onnx", "finetune", "load", "save"]

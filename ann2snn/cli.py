@@ -70,9 +70,9 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with its usage errors printed as one line, like every other error (argparse's own print the
-    whole usage first, which buries the reason under twenty lines of options). The subcommands' parsers
-    are of the same class."""
+    """argparse with its usage errors printed as one line, like every other error: argparse prints the whole
+    usage first, twenty lines of options above the reason. add_subparsers makes the subcommands' parsers
+    of the same class."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{PROGRAM}: error: {message} (`{self.prog} --help` lists the options)\n")
@@ -220,8 +220,8 @@ def _run_arguments() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROGRAM, description="Compile trained PyTorch ANNs into spiking "
-                                     "neural networks, and measure them.")
+    parser = _Parser(prog=PROGRAM, description="Compile trained PyTorch ANNs into spiking neural networks, and "
+                                               "measure them.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     model, conversion, run = _model_arguments(), _conversion_arguments(), _run_arguments()
 

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
+
+from ann2snn.cli import main
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -50,8 +53,26 @@ def digits_checkpoint(directory: Path, classes: int = 10, name: str = "digits.pt
     return path
 
 
-def digits_args(checkpoint: Path, *extra: str | Path) -> list[str]:
+def digits_args(checkpoint: Path, *extra: str | Path, trust_pickle: bool = True) -> list[str]:
     """`ann2snn convert` of a digits_checkpoint on a few mnist5k images, fast: T 4, no progress bars."""
+    trust = ("--trust-pickle",) if trust_pickle else ()
     return [str(arg) for arg in ("convert", checkpoint, "--calib", "mnist5k", "--eval", "mnist5k", "--calib-size", 40,
-                                 "--eval-size", 20, "--trust-pickle", "--image-size", "1,28,28", "--mean", "0.13",
+                                 "--eval-size", 20, *trust, "--image-size", "1,28,28", "--mean", "0.13",
                                  "--std", "0.31", "--T", 4, "--T-list", "4", "--no-progress", *extra)]
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
+    """`ann2snn ARGV...` in this process: the exit code, stdout and stderr."""
+    code = main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code: int, err: str, expected_code: int, *fragments: str) -> str:
+    """The exit code is `expected_code` and stderr one `ann2snn: error:` line holding every fragment; returns it."""
+    assert code == expected_code, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ann2snn: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0]
+    return lines[0]

@@ -15,29 +15,15 @@ from torch import nn
 
 import ann2snn
 from ann2snn.checkpoint import load_into
-from ann2snn.cli import main
 from ann2snn.data import SHARED_ENV_VAR, cifar10_transform, make_loader, open_dataset, stratified_subset
 from ann2snn.model_loading import Preprocessing, save_checkpoint
 from models import build_model
+from tests.helpers import assert_one_line_error, run_cli as run
 
 REPORT_FILES = {"report.json", "report.md", "accuracy_vs_T.png", "spikes_per_layer.png"}
 CONVERSION_FILES = REPORT_FILES | {"snn.pt", "snn.onnx", "snn-step.onnx"}
 CLASSES = ("cat", "dog", "frog")
 FAST = ["--T", "4", "--T-list", "2,4", "--no-progress"]
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
-    code = main([str(arg) for arg in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code: int, err: str, expected_code: int, *fragments: str) -> None:
-    assert code == expected_code
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ann2snn: error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 @pytest.fixture(scope="module")
