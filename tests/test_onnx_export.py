@@ -6,7 +6,7 @@ On arbitrary float weights, onnxruntime's and PyTorch's convolutions sum in diff
 membrane within rounding distance of its threshold can fire in one runtime and not in the other, and the
 difference then travels on through the network. The small random networks here happen to have no such
 tie; on ResNet-20 and MobileNetV2 (tens of thousands of neurons) there are always a few, so those
-spiking networks and their inputs are first rounded to a grid of multiples of 2**-6, on which every
+networks (spiking and quantized) and their inputs are first rounded to a grid of multiples of 2**-6, on which every
 partial sum is exact in float32 whatever the order: then identity can be demanded there too."""
 from __future__ import annotations
 
@@ -168,6 +168,19 @@ def on_dyadic_grid(snn: ann2snn.SpikingNetwork, bits: int = 6) -> ann2snn.Spikin
     return snn
 
 
+def qann_on_dyadic_grid(qann: nn.Module, bits: int = 6) -> nn.Module:
+    """The QANN's weights rounded to multiples of 2**-bits and each quantizer's step theta / L to a power
+    of two, so that its sums, divisions by the step and floors are exact in float32 in any order."""
+    with torch.no_grad():
+        for name, tensor in [*qann.named_parameters(), *qann.named_buffers()]:
+            if name.endswith("theta"):
+                levels = qann.get_submodule(name.rpartition(".")[0]).levels
+                tensor.copy_(levels * torch.exp2(torch.round(torch.log2(tensor / levels))))
+            elif tensor.is_floating_point():
+                tensor.copy_(to_grid(tensor, bits))
+    return qann
+
+
 def to_grid(x: torch.Tensor, bits: int = 6) -> torch.Tensor:
     return torch.round(x * 2 ** bits) / 2 ** bits
 
@@ -186,10 +199,13 @@ def resnet20(shared):
 @pytest.mark.slow
 def test_resnet20_qann_with_its_trained_weights(resnet20) -> None:
     model, calibration_batches, x = resnet20
-    qann = ann2snn.quantize(model, calibration_batches, 4, per_channel=True, threshold_rule="percentile")
+    qann = qann_on_dyadic_grid(ann2snn.quantize(model, calibration_batches, 4, per_channel=True,
+                                                threshold_rule="percentile"))
     snn = ann2snn.convert_qann(qann, T=4, neuron="signed-rate")
     model = onnx_models(snn, ("qann",), input_shape=(3, 32, 32))["qann"]
     assert_standard(model)
+    x = to_grid(x)
+    assert float(qann(x).detach().std(0).mean()) > 0.1, "the rounded QANN no longer depends on its input"
     assert_qann_equal(model, qann, x)
 
 
