@@ -148,10 +148,11 @@ def _run_steps(dynamics: Callable, spikes: torch.Tensor, activity: torch.Tensor,
         sample = currents[0, :1]
         flat_state = tuple(_flat(tensor) for tensor in state)
         flat_constants = tuple(_flat_constant(value, sample) for value in constants)
-        spikes, currents = spikes.flatten(2), currents.flatten(2)
+        flat_spikes, flat_currents = spikes.flatten(2), currents.flatten(2)
         try:
-            fused(dynamics, spikes[0], activity[0], flat_state, currents[0], flat_constants)
+            fused(dynamics, flat_spikes[0], activity[0], flat_state, flat_currents[0], flat_constants)
             step, start, state, constants = fused, 1, flat_state, flat_constants
+            spikes, currents = flat_spikes, flat_currents
         except Exception as error:  # a compilation that failed never ran: the state is untouched
             _compiled_steps[key] = None
             warnings.warn(f"fused neuron kernel unavailable, running eager torch ops instead: torch.compile "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ann2snn import neurons
 from ann2snn.neurons import IFNeuron, SignedNeuron
 
 
@@ -131,3 +132,26 @@ def test_reset_clears_state(cls) -> None:
 def test_invalid_max_spikes_per_step() -> None:
     with pytest.raises(ValueError, match="max_spikes_per_step"):
         IFNeuron(torch.tensor(1.0), max_spikes_per_step=0)
+
+
+@pytest.mark.parametrize("cls", [IFNeuron, SignedNeuron])
+def test_a_fused_kernel_that_fails_falls_back_to_the_same_spikes(cls, monkeypatch) -> None:
+    """A layer large enough for a fused kernel, whose compilation fails: the eager steps give the spikes
+    they give without fusion, and the failure is a warning."""
+    torch.manual_seed(0)
+    threshold = torch.rand(1, 8, 1, 1) + 0.5
+    make = (lambda: IFNeuron(threshold)) if cls is IFNeuron else (lambda: SignedNeuron(threshold, levels=7))
+    currents = torch.randn(6, 4, 8, 32, 32)  # 8192 neurons per sample, 32768 per step
+    monkeypatch.setenv(neurons.FUSED_ENV_VAR, "0")
+    expected = run_folded(make(), currents)
+
+    def failing_compilation(key):
+        def compiled(*args):
+            raise RuntimeError("compilation failed")
+        return compiled
+
+    monkeypatch.setenv(neurons.FUSED_ENV_VAR, "1")
+    monkeypatch.setattr(neurons, "_fusion_unavailable", lambda device: None)
+    monkeypatch.setattr(neurons, "_compiled_step", failing_compilation)
+    with pytest.warns(RuntimeWarning, match="fused neuron kernel unavailable"):
+        assert torch.equal(run_folded(make(), currents), expected)
