@@ -1,11 +1,11 @@
 """ann2snn: compile trained PyTorch ANNs into equivalent spiking neural networks."""
 from .api import convert, convert_qann, prepare_pipeline, quantize
 from .errors import ConversionError
-from .neurons import IFNeuron, LIFNeuron, SignedNeuron, SpikingNeuron
+from .neurons import AdaptiveNeuron, IFNeuron, LIFNeuron, SignedNeuron, SpikingNeuron
 from .snn import SimulationResult, SpikingNetwork
 
 __all__ = [
-    "ConversionError", "IFNeuron", "LIFNeuron", "SignedNeuron", "SimulationResult", "SpikingNetwork", "SpikingNeuron",
+    "AdaptiveNeuron", "ConversionError", "IFNeuron", "LIFNeuron", "SignedNeuron", "SimulationResult", "SpikingNetwork", "SpikingNeuron",
     "convert", "convert_qann", "prepare_pipeline", "quantize",
 ]
 __version__ = "0.1.0"

@@ -12,10 +12,12 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .passes import (balance_thresholds, calibrate_thresholds, check_supported, emit_neurons, fold_batchnorm,
-                     insert_quantizers, normalize_activations, remove_identities, set_thresholds, trace)
+                     insert_encoder, insert_quantizers, normalize_activations, remove_identities, set_thresholds,
+                     trace)
 from .passes.emit_neurons import NEURON_KINDS, coding_of
 from .passes.insert_quantizers import QBits, check_qbits_spec, quantizer_bits
 from .observers import THRESHOLD_RULES
+from .encoding import SPIKE_ENCODINGS, InputEncoder, check_encoding
 from .batching import batch_input, check_input_batch, check_model_accepts, device_of
 from .errors import ConversionWarning
 from .pipeline import Pipeline
@@ -84,11 +86,13 @@ def quantize(model: nn.Module, calib_loader: Iterable[Any] | None, qbits: QBits 
     return pipeline.run(model).eval()
 
 
-def _check_simulation_options(T: int, neuron: str, max_spikes_per_step: int, chunk_size: int | None) -> None:
+def _check_simulation_options(T: int, neuron: str, max_spikes_per_step: int, chunk_size: int | None,
+                              encoding: str) -> None:
     """Refuse bad simulation settings before any pass runs."""
     check_steps("T", T)
     if neuron not in NEURON_KINDS:
         raise ValueError(f"unknown neuron {neuron!r}; choose one of {NEURON_KINDS}")
+    check_encoding(encoding, coding_of(neuron), neuron)
     if not isinstance(max_spikes_per_step, int) or isinstance(max_spikes_per_step, bool) or max_spikes_per_step < 1:
         raise ValueError(f"max_spikes_per_step must be a positive integer, got {max_spikes_per_step!r}")
     if chunk_size is not None:
@@ -96,17 +100,29 @@ def _check_simulation_options(T: int, neuron: str, max_spikes_per_step: int, chu
 
 
 def convert_qann(qann: fx.GraphModule, *, T: int = 32, neuron: str = "if", max_spikes_per_step: int = 1,
-                 neuron_options: dict | None = None, chunk_size: int | None = None,
+                 neuron_options: dict | None = None, chunk_size: int | None = None, encoding: str = "direct",
+                 encoding_seed: int = 0, input_mean=None, input_std=None,
                  config: dict | None = None) -> SpikingNetwork:
-    """The spiking network equivalent to a calibrated QANN."""
-    _check_simulation_options(T, neuron, max_spikes_per_step, chunk_size)
-    spiking_graph = Pipeline([
+    """The spiking network equivalent to a calibrated QANN. `encoding` is how the input reaches the
+    first layer (see `ann2snn.encoding`): 'direct' (the analog image), or spikes, 'poisson' (seeded by
+    `encoding_seed`) or 'regular', of the intensity recovered with the input's normalisation
+    `input_mean` and `input_std` (per channel; default 0 and 1: the input is an intensity in [0, 1])."""
+    _check_simulation_options(T, neuron, max_spikes_per_step, chunk_size, encoding)
+    passes = [
         ("emit_neurons", partial(emit_neurons, neuron=neuron, max_spikes_per_step=max_spikes_per_step,
                                  neuron_options=neuron_options)),
         ("balance_thresholds", balance_thresholds),
-    ]).run(copy.deepcopy(qann))
+    ]
+    encoding_config = {"encoding": encoding}
+    if encoding in SPIKE_ENCODINGS:
+        encoder = InputEncoder(encoding, input_mean, input_std, encoding_seed)
+        passes.append(("insert_encoder", partial(insert_encoder, encoder=encoder)))
+        encoding_config.update(input_mean=encoder.mean.tolist(), input_std=encoder.std.tolist())
+        if encoding == "poisson":
+            encoding_config["encoding_seed"] = encoding_seed
+    spiking_graph = Pipeline(passes).run(copy.deepcopy(qann))
     config = {"T": T, "neuron": neuron, "max_spikes_per_step": max_spikes_per_step,
-              "neuron_options": dict(neuron_options or {}), **(config or {})}
+              "neuron_options": dict(neuron_options or {}), **encoding_config, **(config or {})}
     return SpikingNetwork(spiking_graph, T, coding_of(neuron), qann=qann, chunk_size=chunk_size, config=config)
 
 
@@ -122,17 +138,20 @@ def _bits_config(qbits: QBits, qann: fx.GraphModule) -> dict[str, Any]:
 def convert(model: nn.Module, calib_loader: Iterable[Any] | None, *, qbits: QBits = 4, T: int = 32, neuron: str = "if",
             threshold_rule: str = DEFAULT_THRESHOLD_RULE, percentile: float = 99.99, per_channel: bool = False,
             max_spikes_per_step: int = 1, neuron_options: dict | None = None,
-            chunk_size: int | None = None, thresholds: Mapping[str, Any] | None = None) -> SpikingNetwork:
+            chunk_size: int | None = None, thresholds: Mapping[str, Any] | None = None,
+            encoding: str = "direct", encoding_seed: int = 0, input_mean=None, input_std=None) -> SpikingNetwork:
     """Convert a trained ANN into a spiking network.
 
     `calib_loader` yields tensors, (inputs, labels) tuples or dicts with an image key. The returned
     module simulates `T` steps per call; its `qann` attribute is the quantized ANN it reproduces.
     `neuron` is 'if' (rate-coded integrate-and-fire), 'lif' (leaky; `neuron_options` decay and
-    compensate_leak) or 'signed' (ternary spikes, accumulate coding: equals the QANN once settled);
+    compensate_leak), 'adaptive' (adaptive threshold; `neuron_options` adapt_increase and adapt_decay),
+    'signed-rate' or 'signed' (ternary spikes, accumulate coding: equals the QANN once settled);
     `max_spikes_per_step` > 1 allows bursts of graded spikes. `thresholds` from `finetune` replace
-    calibration (see `quantize`)."""
+    calibration (see `quantize`). `encoding`, `encoding_seed`, `input_mean` and `input_std`: see
+    `convert_qann`."""
     check_qbits_spec(qbits)
-    _check_simulation_options(T, neuron, max_spikes_per_step, chunk_size)
+    _check_simulation_options(T, neuron, max_spikes_per_step, chunk_size, encoding)
     qann = quantize(model, calib_loader, qbits, threshold_rule=threshold_rule, percentile=percentile,
                     per_channel=per_channel, thresholds=thresholds)
     if thresholds is not None:
@@ -142,4 +161,5 @@ def convert(model: nn.Module, calib_loader: Iterable[Any] | None, *, qbits: QBit
         if threshold_rule == "percentile":
             config["percentile"] = percentile
     return convert_qann(qann, T=T, neuron=neuron, max_spikes_per_step=max_spikes_per_step,
-                        neuron_options=neuron_options, chunk_size=chunk_size, config=config)
+                        neuron_options=neuron_options, chunk_size=chunk_size, encoding=encoding,
+                        encoding_seed=encoding_seed, input_mean=input_mean, input_std=input_std, config=config)

@@ -36,12 +36,14 @@ from .analyze import analysis_summary, analyze, write_analysis
 from .api import DEFAULT_THRESHOLD_RULE, convert, prepare_pipeline
 from .bit_allocation import allocate_bits, read_qbits_config
 from .data import known_labels, make_loader, open_dataset, shared_dir, stratified_subset
+from .encoding import ENCODINGS
 from .distributed import DEFAULT_TIMEOUT, is_distributed, is_main_process, process_group, rank, shard, world_size
 from .batching import check_model_accepts, device_of
 from .errors import ConversionError, ConversionWarning, target_name
 from .evaluate import evaluate
 from .layers import AVG_POOLS, MAX_POOLS, WEIGHTED, ChannelAffine, ClippedReLU
 from .model_loading import LoadedModel, Preprocessing, load_model
+from .neurons import DEFAULT_ADAPT_DECAY, DEFAULT_ADAPT_INCREASE
 from .observers import THRESHOLD_RULES
 from .onnx_export import FILE_NAMES, FORMATS, write_onnx_files
 from .passes.check_supported import unsupported_reason
@@ -126,6 +128,8 @@ _percentile = _number_in("a percentile in (0, 100]", lambda value: 0 < value <= 
 _fraction = _number_in("a fraction in (0, 1)", lambda value: 0 < value < 1)
 _bit_budget = _number_in("a mean number of bits per neuron in [1, 8]", lambda value: 1 <= value <= 8)
 _megabytes = _number_in("a positive number of MiB", lambda value: 0 < value < float("inf"))
+_adapt_increase = _number_in("a threshold increase per spike >= 0", lambda value: 0 <= value < float("inf"))
+_adapt_decay = _number_in("a decay factor in [0, 1)", lambda value: 0 <= value < 1)
 
 
 def _numbers(tokens: Sequence[str] | None, kind: type) -> list | None:
@@ -169,6 +173,17 @@ def _conversion_arguments() -> argparse.ArgumentParser:
     group.add_argument("--percentile", type=_percentile, default=99.99, help="for --threshold-rule percentile")
     group.add_argument("--per-channel", action="store_true", help="one threshold per channel")
     group.add_argument("--max-spikes-per-step", type=_positive_int, default=1)
+    group.add_argument("--encoding", choices=ENCODINGS, default="direct",
+                       help="how the image reaches the first layer: direct (the analog image, default), poisson "
+                            "(random spikes of the pixel intensity's rate) or regular (evenly spaced spikes); "
+                            "spike encodings need rate-coded neurons")
+    group.add_argument("--encoding-seed", type=int, default=0, metavar="N",
+                       help="seed of --encoding poisson (default 0)")
+    group.add_argument("--adapt-increase", type=_adapt_increase, metavar="A",
+                       help=f"--neuron adaptive: threshold increase per spike, in thresholds (default "
+                            f"{DEFAULT_ADAPT_INCREASE})")
+    group.add_argument("--adapt-decay", type=_adapt_decay, metavar="D",
+                       help=f"--neuron adaptive: decay of the threshold increase per step (default {DEFAULT_ADAPT_DECAY})")
     group.add_argument("--calib", metavar="DATA", help=f"calibration data (default <shared>/{DEFAULT_CALIBRATION})")
     group.add_argument("--calib-size", type=_positive_int, metavar="N",
                        help="use a stratified subset of N calibration images")
@@ -425,6 +440,18 @@ def _pruned(args: argparse.Namespace, model: nn.Module, preprocessing: Preproces
                  finetune_epochs=args.prune_finetune_epochs or 0, progress=not args.no_progress and is_main_process())
 
 
+def _neuron_options(args: argparse.Namespace) -> dict[str, float]:
+    """The adaptive neuron's options, defaults spelled out so that the report shows them; refused for other
+    neurons, which would ignore them."""
+    if args.neuron != "adaptive":
+        if args.adapt_increase is not None or args.adapt_decay is not None:
+            raise UsageError(f"--adapt-increase and --adapt-decay are options of --neuron adaptive, not of --neuron "
+                             f"{args.neuron}")
+        return {}
+    return {"adapt_increase": DEFAULT_ADAPT_INCREASE if args.adapt_increase is None else args.adapt_increase,
+            "adapt_decay": DEFAULT_ADAPT_DECAY if args.adapt_decay is None else args.adapt_decay}
+
+
 def _convert_loaded(args: argparse.Namespace, loaded: LoadedModel, device: torch.device) -> tuple[SpikingNetwork, dict]:
     """Calibrate and convert a loaded model: the SNN and the calibration data's report entry. With --prune,
     `loaded.model` becomes the pruned model: the ANN the SNN is measured against and saved with."""
@@ -452,7 +479,9 @@ def _convert_loaded(args: argparse.Namespace, loaded: LoadedModel, device: torch
     snn = convert(model, calibration_batches, thresholds=thresholds,
                   qbits=qbits, T=args.T, neuron=args.neuron, threshold_rule=args.threshold_rule,
                   percentile=args.percentile, per_channel=args.per_channel,
-                  max_spikes_per_step=args.max_spikes_per_step, chunk_size=args.chunk_size)
+                  max_spikes_per_step=args.max_spikes_per_step, chunk_size=args.chunk_size,
+                  neuron_options=_neuron_options(args), encoding=args.encoding, encoding_seed=args.encoding_seed,
+                  input_mean=loaded.preprocessing.mean, input_std=loaded.preprocessing.std)
     if pruning is not None:
         snn.config["pruning"] = pruning.to_json()
     if allocation is not None:

@@ -45,6 +45,7 @@ import torch.fx as fx
 import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 
+from .encoding import InputEncoder
 from .errors import ConversionError, describe_node
 from .layers import AddBias, SpikingMaxPool, TemporalModule
 from .neurons import SpikingNeuron
@@ -60,48 +61,53 @@ NEXT = ".next"
 State = dict[str, torch.Tensor]
 StepHandler = Callable[[nn.Module, torch.Tensor, "State | None", torch.Tensor], tuple[torch.Tensor, State]]
 
-# What a neuron's init_state sets: the membrane and, for signed neurons, the spike counter.
-_MEMBRANE = ("v", "count")
-
 
 def _neuron_step(neuron: SpikingNeuron, current: torch.Tensor, state: State | None,
-                 first: torch.Tensor) -> tuple[torch.Tensor, State]:
+                 t: torch.Tensor) -> tuple[torch.Tensor, State]:
+    first = t == 0
     neuron.reset()
     neuron.init_state(current)
-    membrane = [name for name in _MEMBRANE if getattr(neuron, name, None) is not None]
+    membrane = neuron.state_names()
     if state is not None:
         for name in membrane:
             setattr(neuron, name, torch.where(first, getattr(neuron, name), state[name]))
-    spikes = neuron.fire(current)
+    output, spikes = neuron.fire(current)
     fired = spikes.abs().flatten(1).sum(1)
     new = {name: getattr(neuron, name) for name in membrane}
     new["spike_count"] = fired if state is None else torch.where(first, fired, state["spike_count"] + fired)
     neuron.reset()
-    return spikes, new
+    return output, new
 
 
-def _bias_step(bias: AddBias, x: torch.Tensor, state: State | None, first: torch.Tensor) -> tuple[torch.Tensor, State]:
+def _bias_step(bias: AddBias, x: torch.Tensor, state: State | None, t: torch.Tensor) -> tuple[torch.Tensor, State]:
     with_bias = x + bias.shaped_bias(x.ndim)
-    return (torch.where(first, with_bias, x) if bias.once else with_bias), {}
+    return (torch.where(t == 0, with_bias, x) if bias.once else with_bias), {}
 
 
 def _max_pool_step(pool: SpikingMaxPool, x: torch.Tensor, state: State | None,
-                   first: torch.Tensor) -> tuple[torch.Tensor, State]:
+                   t: torch.Tensor) -> tuple[torch.Tensor, State]:
     # One step of SpikingMaxPool.forward: pool the running sum, emit the change of the pooled maximum.
+    first = t == 0
     running_sum = x if state is None else torch.where(first, x, x + state["running_sum"])
     pooled = pool.pool(running_sum)
     out = pooled if state is None else torch.where(first, pooled, pooled - state["running_max"])
     return out, {"running_sum": running_sum, "running_max": pooled}
 
 
+def _encoder_step(encoder: InputEncoder, x: torch.Tensor, state: State | None,
+                  t: torch.Tensor) -> tuple[torch.Tensor, State]:
+    return encoder.encode(x, t.expand(x.shape[0])), {}
+
+
 STEP_HANDLERS: dict[type, StepHandler] = {
     SpikingNeuron: _neuron_step,
     AddBias: _bias_step,
     SpikingMaxPool: _max_pool_step,
+    InputEncoder: _encoder_step,
 }
 """One time step of each kind of temporal module, functional: (module, input, previous state or None at
-the first step of a layout run, `t == 0` as a bool tensor) -> (output, new state). Looked up along the
-module's class hierarchy; other modules run as they are."""
+the first step of a layout run, the step index t as an int64 scalar tensor) -> (output, new state).
+Looked up along the module's class hierarchy; other modules run as they are."""
 
 
 def _handler(handlers: dict[type, StepHandler], module: nn.Module) -> StepHandler | None:
@@ -112,10 +118,10 @@ class _FunctionalStep(fx.Interpreter):
     """Runs one time step of a spiking graph with the state of its temporal modules passed in
     (`states`, keyed by module path, None for the initial state) and collected in `new_states`."""
 
-    def __init__(self, gm: fx.GraphModule, handlers: dict[type, StepHandler], first: torch.Tensor,
+    def __init__(self, gm: fx.GraphModule, handlers: dict[type, StepHandler], t: torch.Tensor,
                  states: dict[str, State] | None):
         super().__init__(gm)
-        self.handlers, self.first, self.states = handlers, first, states
+        self.handlers, self.t, self.states = handlers, t, states
         self.new_states: dict[str, State] = {}
         self.node: fx.Node | None = None
 
@@ -134,7 +140,7 @@ class _FunctionalStep(fx.Interpreter):
         if target in self.new_states:
             raise ConversionError(f"cannot export {describe_node(self.module, self.node)} to ONNX: the stateful module "
                                   f"'{target}' is called more than once, so its state is ambiguous")
-        out, new = handler(module, *args, None if self.states is None else self.states.get(target, {}), self.first)
+        out, new = handler(module, *args, None if self.states is None else self.states.get(target, {}), self.t)
         if new:
             self.new_states[target] = new
         return out
@@ -151,8 +157,8 @@ class _Step(nn.Module):
     def forward(self, frame: torch.Tensor, t: torch.Tensor, states: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         flat = iter(states)
         nested = {target: {name: next(flat) for name in names} for target, names in self.layout}
-        static = _FunctionalStep(self.prefix, self.handlers, t == 0, nested).run(frame)
-        body = _FunctionalStep(self.body, self.handlers, t == 0, nested)
+        static = _FunctionalStep(self.prefix, self.handlers, t, nested).run(frame)
+        body = _FunctionalStep(self.body, self.handlers, t, nested)
         out = body.run(*static)
         return (out, *(body.new_states[target][name] for target, names in self.layout for name in names))
 
@@ -201,8 +207,8 @@ class _TracedStep:
 
     def __init__(self, snn: SpikingNetwork, example: torch.Tensor, handlers: dict[type, StepHandler], opset: int):
         t = torch.tensor(0)
-        layout_run = _FunctionalStep(snn.body, handlers, t == 0, None)
-        output = layout_run.run(*_FunctionalStep(snn.prefix, handlers, t == 0, None).run(example))
+        layout_run = _FunctionalStep(snn.body, handlers, t, None)
+        output = layout_run.run(*_FunctionalStep(snn.prefix, handlers, t, None).run(example))
         if not isinstance(output, torch.Tensor):
             raise ConversionError(f"cannot export to ONNX: the network returns a {type(output).__name__}, "
                                   "not one tensor")

@@ -12,8 +12,12 @@ Two ways of counting, per sample and time step:
   into every synapse it feeds, spike or not, so MACs = the sum of the fan-out map;
 * event-driven (the SNN's body): an input row of integers is a set of spike events, each spike of
   magnitude k costing k × fan-out accumulates (ACs = sum |spike| × fan-out); a row that is not all
-  integers (a linear layer fed by another linear layer, as in MobileNetV2's linear bottleneck, or one
-  fed through average pooling) carries analog values and counts as dense MACs.
+  integers carries values that must be multiplied into the weights: graded spikes (the adaptive
+  neuron's, which carry the threshold they crossed), or analog values (a linear layer fed by another
+  linear layer, as in MobileNetV2's linear bottleneck, or one fed through average pooling). Each of its
+  non-zero entries costs fan-out MACs (MACs = sum over non-zero entries of the fan-out): for graded
+  spikes one multiply-accumulate per synapse an event reaches, for an analog row (non-zero almost
+  everywhere) the dense count.
 
 Energy constants: 45 nm CMOS, 32-bit floating point (Horowitz, "Computing's energy problem", ISSCC
 2014), the values the SNN conversion literature uses.
@@ -114,16 +118,16 @@ class SynapticOperationCounter:
         first_step, steps = self.window()
         fan = self._fan_out(layer, x.shape[1:])
         rows = x.detach().reshape(steps, x.shape[0] // steps, -1)
-        dense_macs = fan.sum().double()
         if self.event_driven:
             is_spike_row = rows.frac().abs_().amax(-1) == 0
             # In the input's precision: the partial sums are integers, exact in float32 below 2**24
             # per sample, and a float64 copy of every spike tensor would double the simulation's cost.
             event_acs = (rows.abs() @ fan).double()
+            event_macs = ((rows != 0).to(rows.dtype) @ fan).double()
             acs = torch.where(is_spike_row, event_acs, 0.0).sum(1)
-            macs = (~is_spike_row).sum(1) * dense_macs
+            macs = torch.where(is_spike_row, 0.0, event_macs).sum(1)
         else:
             acs = torch.zeros(steps, dtype=torch.float64, device=x.device)
-            macs = torch.full((steps,), rows.shape[1], dtype=torch.float64, device=x.device) * dense_macs
+            macs = torch.full((steps,), rows.shape[1], dtype=torch.float64, device=x.device) * fan.sum().double()
         self.accumulates[first_step:first_step + steps] += acs.cpu()
         self.multiply_accumulates[first_step:first_step + steps] += macs.cpu()

@@ -1,6 +1,7 @@
 """ONNX export: onnxruntime (CPU, standard operators only) reproduces PyTorch for every neuron model, in
 the three formats: the single-step model looped T times equals `snn.step` (states and spike counts
-identical), the T-step model equals `snn(x)`, the QANN model equals the PyTorch QANN.
+identical), the T-step model equals `snn(x)`, the QANN model equals the PyTorch QANN. Spike-encoded inputs
+(regular, and Poisson with its integer hash) export too: the step index is an input of every step.
 
 On arbitrary float weights, onnxruntime's and PyTorch's convolutions sum in different orders, so a
 membrane within rounding distance of its threshold can fire in one runtime and not in the other, and the
@@ -109,6 +110,12 @@ CONFIGS = {
     "signed-rate, per channel": dict(neuron="signed-rate", per_channel=True),
     "if, bursts of 3, per channel": dict(neuron="if", max_spikes_per_step=3, per_channel=True),
     "signed, bursts of 2": dict(neuron="signed", max_spikes_per_step=2),
+    "adaptive, per channel": dict(neuron="adaptive", per_channel=True,
+                                  neuron_options={"adapt_increase": 0.3, "adapt_decay": 0.7}),
+    "adaptive, bursts of 2": dict(neuron="adaptive", max_spikes_per_step=2),
+    "if, regular encoding": dict(neuron="if", encoding="regular", input_mean=[0.5] * 3, input_std=[0.5] * 3),
+    "signed-rate, poisson encoding": dict(neuron="signed-rate", encoding="poisson", encoding_seed=7,
+                                          input_mean=[0.5] * 3, input_std=[0.5] * 3),
 }
 WITH_QANN = {"if", "signed-rate, per channel"}  # the QANN does not depend on the neuron: once per threshold kind
 

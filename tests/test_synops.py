@@ -69,10 +69,13 @@ def test_event_driven_counting_per_time_step() -> None:
     with SynapticOperationCounter(linear, event_driven=True, steps=4, window=lambda: tuple(window)) as counter:
         linear(spikes)
         window[:] = [2, 1]
-        linear(torch.tensor([[0.5, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]))  # step 2: an analog row and a silent one
-    # Each spike on inputs 1..3 reaches 3 outputs.
+        # step 2: graded events (non-integer: multiplied into the weights) and a silent row
+        linear(torch.tensor([[0.5, 1.25, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]))
+        window[:] = [3, 1]
+        linear(torch.tensor([[0.5, 0.1, -0.2, 0.3]]))  # step 3: an analog row costs the dense count
+    # Each spike or event on inputs 1..3 reaches 3 outputs.
     assert counter.accumulates.tolist() == [3 * (1 + 1), 3 * (1 + 3), 0, 0]
-    assert counter.multiply_accumulates.tolist() == [0, 0, 9, 0]
+    assert counter.multiply_accumulates.tolist() == [0, 0, 3, 9]
 
 
 def test_dense_counting_counts_every_synapse_whatever_the_input() -> None:

@@ -4,6 +4,7 @@ from .calibrate_thresholds import calibrate_thresholds, observing
 from .check_supported import check_supported
 from .emit_neurons import emit_neurons
 from .fold_batchnorm import fold_batchnorm
+from .insert_encoder import insert_encoder
 from .insert_quantizers import insert_quantizers
 from .normalize_activations import normalize_activations
 from .remove_identities import remove_identities
@@ -12,5 +13,6 @@ from .trace import trace
 
 __all__ = [
     "balance_thresholds", "calibrate_thresholds", "check_supported", "emit_neurons", "fold_batchnorm",
-    "insert_quantizers", "normalize_activations", "observing", "remove_identities", "set_thresholds", "trace",
+    "insert_encoder", "insert_quantizers", "normalize_activations", "observing", "remove_identities",
+    "set_thresholds", "trace",
 ]

@@ -4,8 +4,12 @@ After emission every neuron layer is followed by a `Scale(a)`: its spikes are in
 what one spike is worth (scalar, or per channel). This pass moves each Scale forward through ops that
 commute with a positive scaling (pooling, exact max pooling, zero padding, slicing, reshaping) and
 folds it into the next convolution or linear layer (per input channel, groups respected), so those
-layers receive plain integer spikes. Where branches of different scales meet (residual adds,
-concatenations) or the output is reached, the Scale stays as an explicit 1-to-1 weighted synapse."""
+layers receive plain integer spikes. At a residual add `layer(h) + a * s` feeding a neuron alone, with
+`layer` a convolution or linear layer of its own, the add is balanced instead: `layer`'s outputs are
+divided by a (weights and bias, per output channel) and the neuron's thresholds too, so the neuron
+sees the sum divided by a and fires the same spikes, and the shortcut carries plain spikes (one pass
+over the activation less at every step). Where branches of other scales meet (concatenations, other
+adds) or the output is reached, the Scale stays as an explicit 1-to-1 weighted synapse."""
 from __future__ import annotations
 
 import copy
@@ -17,14 +21,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..graph_utils import call_sites, finalize, free_name, is_module
-from ..layers import AVG_POOLS, CONVS, Scale, SpikingMaxPool
+from ..layers import AVG_POOLS, CONVS, MAX_POOLS, Scale, SpikingMaxPool
+from ..neurons import SpikingNeuron
 
-_CHANNELWISE_MODULES = AVG_POOLS + (SpikingMaxPool, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d)
+# (plain max pools appear in imported networks, whose pooling of spikes stays as it was computed)
+_CHANNELWISE_MODULES = AVG_POOLS + MAX_POOLS + (SpikingMaxPool, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d)
 _CHANNELWISE_FUNCTIONS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
                           F.adaptive_avg_pool2d, F.adaptive_avg_pool3d}
 _RESHAPING_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, operator.getitem, F.pad}
 _RESHAPING_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze"}
 _MEANS = {torch.mean, "mean"}
+# The smallest factor relative to the largest at which a residual add is balanced (see `_balanced_add`).
+_BALANCED_ADD_RANGE = 2.0 ** -20
 
 
 def _commutes(gm: fx.GraphModule, user: fx.Node, factor: torch.Tensor) -> bool:
@@ -67,6 +75,39 @@ def _scale_input_channels(layer: nn.Module, factor: torch.Tensor) -> None:
     weight.mul_(per_channel[channel].reshape((out_channels, in_per_group) + (1,) * (weight.dim() - 2)))
 
 
+def _scale_output_channels(layer: nn.Module, factor: torch.Tensor) -> None:
+    """layer(x) * factor == layer'(x), the factor scalar or one per output channel."""
+    per_channel = factor.reshape(()) if factor.numel() == 1 else factor.flatten()
+    shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+    layer.weight.data.mul_(per_channel.reshape(shape) if per_channel.dim() else per_channel)
+    if layer.bias is not None:
+        layer.bias.data.mul_(per_channel)
+
+
+def _balanced_add(gm: fx.GraphModule, node: fx.Node, add: fx.Node, sites: dict[str, list[fx.Node]]) -> bool:
+    """Fold the Scale `node` feeding the residual `add` into the add's other operand and the neuron after
+    it (see the module docstring); False where the pattern does not hold."""
+    if add.op != "call_function" or add.target not in (operator.add, torch.add) or len(add.args) != 2 \
+            or add.kwargs or len(add.users) != 1:
+        return False
+    other = add.args[1] if add.args[0] is node else add.args[0]
+    (neuron_node,) = add.users
+    if not (isinstance(other, fx.Node) and is_module(gm, other, CONVS + (nn.Linear,)) and len(other.users) == 1
+            and len(sites[other.target]) == 1 and is_module(gm, neuron_node, SpikingNeuron)
+            and len(sites[neuron_node.target]) == 1):
+        return False
+    factor = gm.get_submodule(node.target).factor
+    layer = gm.get_submodule(other.target)
+    if factor.numel() > 1 and (isinstance(layer, nn.Linear) or factor.numel() != layer.weight.shape[0]):
+        return False
+    # a channel that never fired in calibration has a vanishing threshold: dividing by it would overflow
+    if not bool((factor >= factor.max() * _BALANCED_ADD_RANGE).all()):
+        return False
+    _scale_output_channels(layer, 1.0 / factor)
+    gm.get_submodule(neuron_node.target).scale_input(1.0 / factor)
+    return True
+
+
 def _split_per_user(gm: fx.GraphModule, node: fx.Node) -> None:
     """Give each user of a shared Scale its own copy, so each can be moved or folded on its own."""
     module = gm.get_submodule(node.target)
@@ -93,6 +134,8 @@ def _step(gm: fx.GraphModule, node: fx.Node, sites: dict[str, list[fx.Node]]) ->
     elif (is_module(gm, user, CONVS + (nn.Linear,)) and user.args[0] is node and len(sites[user.target]) == 1
           and _folds_into(gm.get_submodule(user.target), scale.factor)):
         _scale_input_channels(gm.get_submodule(user.target), scale.factor)
+    elif _balanced_add(gm, node, user, sites):
+        pass  # the add's other operand and the neuron after it took the factor
     elif user.args and user.args[0] is node and list(user.all_input_nodes).count(node) == 1 \
             and _commutes(gm, user, scale.factor):
         with gm.graph.inserting_after(user):

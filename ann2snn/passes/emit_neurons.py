@@ -1,9 +1,11 @@
 """Pass 8: the QANN becomes a spiking graph.
 
 Each quantizer becomes a neuron layer followed by a `Scale` holding the value of one spike (the layer's
-threshold for rate-coded IF neurons, the quantization step theta/L for signed neurons); biases of conv,
-linear and affine layers become `AddBias` injections consistent with the neuron's coding; max pooling
-becomes exact pooling of accumulated spikes. Everything else stays as synaptic computation."""
+threshold for rate-coded IF neurons, the quantization step theta/L for signed neurons); with accumulate
+coding, biases of conv, linear and affine layers become `AddBias` injections given at the first step
+only (with rate coding a bias is a current at every step: it stays in its layer, whose kernel adds it
+for free, instead of costing one more pass over the activation); max pooling becomes exact pooling of
+accumulated spikes. Everything else stays as synaptic computation."""
 from __future__ import annotations
 
 import copy
@@ -17,9 +19,9 @@ import torch.nn.functional as F
 from ..graph_utils import finalize, free_name, insert_module_after, is_module, is_number, replace_with_module
 from .check_supported import is_shape_value
 from ..layers import MAX_POOLS, WEIGHTED, AddBias, ChannelAffine, QCFSQuantizer, Scale, SpikingMaxPool
-from ..neurons import IFNeuron, LIFNeuron, SignedNeuron, SpikingNeuron
+from ..neurons import AdaptiveNeuron, IFNeuron, LIFNeuron, SignedNeuron, SpikingNeuron
 
-NEURON_KINDS = ("if", "lif", "signed", "signed-rate")
+NEURON_KINDS = ("if", "lif", "signed", "signed-rate", "adaptive")
 _FUNCTIONAL_MAX_POOLS = {F.max_pool1d: nn.MaxPool1d, F.max_pool2d: nn.MaxPool2d, F.max_pool3d: nn.MaxPool3d}
 _MAX_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
 _OFFSETS = {operator.add: 1.0, torch.add: 1.0, "add": 1.0, "add_": 1.0,
@@ -29,10 +31,13 @@ _OFFSETS = {operator.add: 1.0, torch.add: 1.0, "add": 1.0, "add_": 1.0,
 def make_neuron(quantizer: QCFSQuantizer, kind: str, max_spikes_per_step: int,
                 options: dict | None = None) -> tuple[SpikingNeuron, Scale]:
     """The neuron standing for a calibrated quantizer, and the value one of its spikes carries.
-    `options` are extra neuron arguments (e.g. decay for 'lif')."""
+    `options` are extra neuron arguments (e.g. decay for 'lif', adapt_increase and adapt_decay for
+    'adaptive')."""
     options = options or {}
     if kind == "if":
         return IFNeuron(quantizer.theta, max_spikes_per_step, **options), Scale(quantizer.theta)
+    if kind == "adaptive":
+        return AdaptiveNeuron(quantizer.theta, max_spikes_per_step, **options), Scale(quantizer.theta)
     if kind == "lif":
         return LIFNeuron(quantizer.theta, max_spikes_per_step=max_spikes_per_step, **options), Scale(quantizer.theta)
     if kind == "signed":
@@ -90,7 +95,7 @@ def emit_neurons(gm: fx.GraphModule, neuron: str = "if", max_spikes_per_step: in
             spiking, amplitude = make_neuron(quantizer, neuron, max_spikes_per_step, neuron_options)
             gm.add_submodule(node.target, spiking)
             insert_module_after(gm, node, f"{node.target}_amplitude", amplitude)
-        elif is_module(gm, node, WEIGHTED + (ChannelAffine,)):
+        elif once and is_module(gm, node, WEIGHTED + (ChannelAffine,)):
             # a layer called at several sites is stripped once; every site gets its own injection
             if node.target not in stripped_biases:
                 layer = gm.get_submodule(node.target)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import operator
 
 import pytest
@@ -59,6 +60,10 @@ def qanns():
     return {pc: ann2snn.quantize(model, calibration(), 2, per_channel=pc) for pc in (False, True)}
 
 
+# (the package exports the pass function under the module's name)
+balance_module = importlib.import_module("ann2snn.passes.balance_thresholds")
+
+
 def scale_nodes(gm):
     return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), Scale)]
 
@@ -78,16 +83,22 @@ def test_scales_fold_into_weights_except_on_the_residual(qanns, kind: str, per_c
     remaining = scale_nodes(balanced)
     for node in remaining:
         assert not any(is_weighted(balanced, user) for user in node.users), node
-    # what is left: the residual shortcut's Scale feeding the add, plus (per channel) the Scales that
-    # cannot pass reshaping ops; the first branch's Scale folded into conv_a
+    # what is left: with accumulate coding the residual shortcut's Scale feeding the add (conv_b's bias
+    # injection sits between conv_b and the add), plus (per channel) the Scales that cannot pass reshaping
+    # ops; the first branch's Scale folded into conv_a
     add = next(n for n in balanced.graph.nodes if n.target is operator.add)
     shortcut = add.args[1]
-    assert shortcut in remaining
-    assert isinstance(balanced.get_submodule(shortcut.args[0].target), SpikingNeuron)
+    if kind == "signed":
+        assert shortcut in remaining
+        assert isinstance(balanced.get_submodule(shortcut.args[0].target), SpikingNeuron)
+    else:
+        # the add is balanced: conv_b and the neuron after the add took the shortcut's factor
+        assert isinstance(balanced.get_submodule(shortcut.target), SpikingNeuron)
+        assert is_weighted(balanced, add.args[0])
     conv_a = next(n for n in balanced.graph.nodes if n.target == "conv_a")
     assert isinstance(balanced.get_submodule(conv_a.args[0].target), SpikingNeuron)
     if not per_channel:
-        assert len(remaining) == 1
+        assert len(remaining) == (1 if kind == "signed" else 0)
         # the dw neuron's Scale moved through max pool, avg pool, pad and slicing into conv_c
         conv_c = next(n for n in balanced.graph.nodes if n.target == "conv_c")
         chain = conv_c.args[0]
@@ -112,7 +123,26 @@ def test_folded_weights_carry_the_spike_value(qanns, per_channel: bool) -> None:
     torch.testing.assert_close(balanced.get_submodule("dw").weight, expected, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("kind", ["if", "signed"])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_balanced_add_divides_the_layer_and_the_neuron_thresholds(qanns, per_channel: bool, monkeypatch) -> None:
+    emitted = emit_neurons(copy.deepcopy(qanns[per_channel]), neuron="if")
+    balanced = balance_thresholds(copy.deepcopy(emitted))
+    shortcut = next(n for n in emitted.graph.nodes if n.target is operator.add).args[1]
+    factor = emitted.get_submodule(shortcut.target).factor
+    channel = factor.reshape(-1, 1, 1, 1) if per_channel else factor
+    # conv_b: its input Scale folded per input channel (as without add balancing), then divided by the
+    # shortcut's factor per output channel
+    monkeypatch.setattr(balance_module, "_balanced_add", lambda *args: False)
+    unbalanced_add = balance_thresholds(copy.deepcopy(emitted))
+    torch.testing.assert_close(balanced.get_submodule("conv_b").weight,
+                               unbalanced_add.get_submodule("conv_b").weight / channel, rtol=1e-6, atol=0)
+    torch.testing.assert_close(balanced.get_submodule("conv_b").bias,
+                               emitted.get_submodule("conv_b").bias / factor.flatten(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(balanced.get_submodule("relu6").v_threshold,
+                               emitted.get_submodule("relu6").v_threshold / factor, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["if", "lif", "signed"])
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_balanced_simulation_equals_unbalanced(qanns, kind: str, per_channel: bool) -> None:
     emitted = emit_neurons(copy.deepcopy(qanns[per_channel]), neuron=kind)
@@ -201,3 +231,16 @@ def test_per_channel_scale_before_linear_on_3d_activation(channels: int) -> None
     torch.testing.assert_close(plain, qann(x).detach(), rtol=1e-5, atol=1e-5)  # the emitted graph is right
     folded = SpikingNetwork(balanced, 48, "accumulate")(x)
     torch.testing.assert_close(folded, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_add_with_a_vanishing_channel_factor_is_not_balanced() -> None:
+    # a channel that never fired in calibration gets the smallest threshold: balancing would divide by it
+    torch.manual_seed(0)
+    qann = ann2snn.quantize(ResNetLike().eval(), calibration(), 2, per_channel=True)
+    shortcut_quantizer = qann.get_submodule("relu")
+    with torch.no_grad():
+        shortcut_quantizer.theta[0, 1] = torch.finfo(torch.float32).tiny
+    balanced = balance_thresholds(emit_neurons(copy.deepcopy(qann), neuron="if"))
+    add = next(n for n in balanced.graph.nodes if n.target is operator.add)
+    assert isinstance(balanced.get_submodule(add.args[1].target), Scale)
+    assert torch.isfinite(balanced.get_submodule("conv_b").weight).all()

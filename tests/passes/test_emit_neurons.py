@@ -6,6 +6,7 @@ import operator
 
 import pytest
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -81,31 +82,43 @@ def test_quantizers_become_neuron_and_scale(qanns, kind: str, per_channel: bool)
     assert len(modules_of(gm, Scale)) == 3
 
 
-@pytest.mark.parametrize("kind", ["if", "signed"])
-def test_biases_become_add_bias(qanns, kind: str) -> None:
+def _biases(gm: fx.GraphModule) -> dict[str, torch.Tensor | None]:
+    layers = {n.target: gm.get_submodule(n.target) for n in modules_of(gm, WEIGHTED + (ChannelAffine,))}
+    return {name: None if layer.bias is None or not torch.count_nonzero(layer.bias) else layer.bias.detach().clone()
+            for name, layer in layers.items()}
+
+
+def test_biases_become_add_bias_with_accumulate_coding(qanns) -> None:
     qann = qanns[False]
-    biased = {n.target: qann.get_submodule(n.target).bias for n in modules_of(qann, WEIGHTED + (ChannelAffine,))}
-    biased = {k: (None if b is None else b.detach().clone()) for k, b in biased.items()}
+    biased = _biases(qann)
     # conv2 (bias=False) feeds an add, so the BN is not folded into it and it stays bias-free
     assert sorted(k for k, b in biased.items() if b is not None) == ["bn", "conv1", "conv3", "fc1", "fc2"]
-    assert biased["conv2"] is None
-    gm = emit_neurons(copy.deepcopy(qann), neuron=kind)
+    gm = emit_neurons(copy.deepcopy(qann), neuron="signed")
+    assert all(bias is None for bias in _biases(gm).values())
     for node in modules_of(gm, WEIGHTED + (ChannelAffine,)):
         layer = gm.get_submodule(node.target)
-        if isinstance(layer, ChannelAffine):
-            assert torch.count_nonzero(layer.bias) == 0
-        else:
-            assert layer.bias is None
         torch.testing.assert_close(layer.weight, qann.get_submodule(node.target).weight, rtol=0, atol=0)
-        if biased.get(node.target) is None:
+        if biased[node.target] is None:
             continue
         (user,) = node.users
         add = gm.get_submodule(user.target)
-        assert isinstance(add, AddBias)
+        assert isinstance(add, AddBias) and add.once
         torch.testing.assert_close(add.bias, biased[node.target].flatten(), rtol=0, atol=0)
-        assert add.once is (kind == "signed")
         assert add.channel_dim == (-1 if isinstance(layer, nn.Linear) else 1)
     assert len(modules_of(gm, AddBias)) == sum(b is not None for b in biased.values())
+
+
+@pytest.mark.parametrize("kind", ["if", "lif", "signed-rate"])
+def test_biases_stay_in_their_layers_with_rate_coding(qanns, kind: str) -> None:
+    # a bias is a current at every step: the layer's kernel adds it, no extra pass over the activation
+    qann = qanns[False]
+    gm = emit_neurons(copy.deepcopy(qann), neuron=kind)
+    assert not modules_of(gm, AddBias)
+    for name, bias in _biases(qann).items():
+        kept = _biases(gm)[name]
+        assert (kept is None) == (bias is None)
+        if bias is not None:
+            torch.testing.assert_close(kept, bias, rtol=0, atol=0)
 
 
 def test_max_pools_become_spiking_max_pools(qanns) -> None:
