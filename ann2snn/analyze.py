@@ -35,6 +35,7 @@ from tqdm import tqdm
 from .batching import device_of, model_inputs
 from .distributed import reduce_over_processes, require_on_every_process
 from .layers import ClippedReLU, QCFSQuantizer
+from .passes.emit_neurons import spike_value
 from .passes.insert_quantizers import quantizer_bits
 from .report import _save_figure, _text_table
 from .serialization import _atomic_write
@@ -181,6 +182,7 @@ def analyze(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] | 
     spike_totals: dict[str, torch.Tensor] = {}
     clipped: dict[str, torch.Tensor] = {}
     rate = snn.coding == "rate"
+    kind = snn.config.get("neuron", "signed" if not rate else "if")
 
     def record_spikes(name: str, neuron: nn.Module, spikes: torch.Tensor) -> None:
         steps, t0 = neuron.steps, neuron.t0
@@ -190,12 +192,13 @@ def analyze(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] | 
         spike_totals[name] = before + sequence.sum(0, dtype=torch.float64)
         a = ann_activations.values[name].reshape(batch, -1).double()
         q = qann_activations.values[name].reshape(batch, -1).double()
-        spike_value = neuron.v_threshold.double().expand(ann_activations.values[name].shape).reshape(batch, -1)
+        # (not the neuron's threshold: balancing may have rescaled its input, see balance_thresholds)
+        value = spike_value(quantizers[name], kind).double().expand(ann_activations.values[name].shape).reshape(batch, -1)
         for T in T_list:
             if not t0 < T <= t0 + steps:
                 continue
             counts = before + sequence[:T - t0].sum(0, dtype=torch.float64)
-            s = counts * spike_value / (T if rate else 1)
+            s = counts * value / (T if rate else 1)
             stats = sums[name].per_T[T]
             stats["s"] += _sum(s)
             stats["s2"] += _sum(s * s)
@@ -232,7 +235,8 @@ def analyze(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] | 
                 layer.clip2 += _sum((a - c) ** 2)
                 layer.quant2 += _sum((c - q) ** 2)
             spike_totals.clear()
-            snn.simulate(x, T_list, chunk_size=chunk_size)
+            # one sub-batch: the recorded activations are the whole batch's
+            snn.simulate(x, T_list, chunk_size=chunk_size, sub_batch=x.shape[0])
     finally:
         for handle in handles:
             handle.remove()

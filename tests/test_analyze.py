@@ -50,6 +50,35 @@ def test_rate_coded_error_falls_with_T_and_clipping_is_measured() -> None:
     assert len(first.scatter["ann"]) == len(first.scatter["snn"]) > 0
 
 
+class Residual(nn.Module):
+    """A residual add whose neuron balancing rescales (its threshold is no longer the value of a spike)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.conv(x) + x)
+        return self.fc(x.flatten(1))
+
+
+def test_layers_after_a_balanced_add_in_sub_batched_simulations(monkeypatch) -> None:
+    # a working set of one row: the simulator would split every batch into single samples
+    monkeypatch.setattr(ann2snn.snn, "WORKING_SET_BYTES", 1)
+    torch.manual_seed(0)
+    snn = ann2snn.convert(Residual().eval(), batches(), qbits=3, T=256, neuron="signed-rate", threshold_rule="max")
+    add_neuron = snn.neurons["relu_1"]
+    assert not torch.equal(add_neuron.v_threshold, snn.qann.get_submodule("relu_1").theta)
+    analysis = analyze(snn, batches(), [256])
+    # rate-coded signed neurons track the clipped activation (not its quantized level)
+    for layer in analysis.layers:
+        assert layer.clipped_error[256] < 0.05, layer
+        assert layer.correlation[256] > 0.99, layer
+
+
 def test_written_files(tmp_path: Path) -> None:
     snn = ann2snn.convert(build(), batches(), qbits=2, T=16, neuron="signed-rate")
     paths = write_analysis(analyze(snn, batches(1), [4, 16]), tmp_path)

@@ -28,24 +28,29 @@ _OFFSETS = {operator.add: 1.0, torch.add: 1.0, "add": 1.0, "add_": 1.0,
             operator.sub: -1.0, torch.sub: -1.0, "sub": -1.0, "sub_": -1.0}
 
 
+def spike_value(quantizer: QCFSQuantizer, kind: str) -> torch.Tensor:
+    """What one spike of the neuron standing for `quantizer` is worth in the QANN's units: the
+    quantization step theta/L for signed neurons (accumulate coding), the threshold theta otherwise."""
+    return quantizer.step if kind == "signed" else quantizer.theta
+
+
 def make_neuron(quantizer: QCFSQuantizer, kind: str, max_spikes_per_step: int,
                 options: dict | None = None) -> tuple[SpikingNeuron, Scale]:
     """The neuron standing for a calibrated quantizer, and the value one of its spikes carries.
     `options` are extra neuron arguments (e.g. decay for 'lif', adapt_increase and adapt_decay for
     'adaptive')."""
     options = options or {}
+    value = Scale(spike_value(quantizer, kind))
     if kind == "if":
-        return IFNeuron(quantizer.theta, max_spikes_per_step, **options), Scale(quantizer.theta)
+        return IFNeuron(quantizer.theta, max_spikes_per_step, **options), value
     if kind == "adaptive":
-        return AdaptiveNeuron(quantizer.theta, max_spikes_per_step, **options), Scale(quantizer.theta)
+        return AdaptiveNeuron(quantizer.theta, max_spikes_per_step, **options), value
     if kind == "lif":
-        return LIFNeuron(quantizer.theta, max_spikes_per_step=max_spikes_per_step, **options), Scale(quantizer.theta)
+        return LIFNeuron(quantizer.theta, max_spikes_per_step=max_spikes_per_step, **options), value
     if kind == "signed":
-        step = quantizer.step
-        return SignedNeuron(step, quantizer.levels, max_spikes_per_step, **options), Scale(step)
+        return SignedNeuron(quantizer.step, quantizer.levels, max_spikes_per_step, **options), value
     if kind == "signed-rate":
-        return SignedNeuron(quantizer.theta, None, max_spikes_per_step, **options), \
-            Scale(quantizer.theta)
+        return SignedNeuron(quantizer.theta, None, max_spikes_per_step, **options), value
     raise ValueError(f"unknown neuron {kind!r}; choose one of {NEURON_KINDS}")
 
 
