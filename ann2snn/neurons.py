@@ -10,24 +10,30 @@ applies it to the module's state (the ONNX exporter traces that), and the simula
 step. Where torch.compile works (a C++ compiler for CPU tensors, Triton for CUDA) and a layer is large
 enough to pay for the call, each step of a layer is one fused kernel compiled from that very
 function: the same float operations in the same order (Inductor does not contract them into FMAs), so
-the same spikes bit for bit, in one pass over memory instead of one per operation."""
+the same spikes bit for bit, in one pass over memory instead of one per operation. The IF neuron on CPU
+has a hand-written kernel instead (`native`, cheaper to call and one pass where Inductor makes two),
+held to the same bit-for-bit standard by the tests.
+
+Neuron state takes the layout of the currents (NCHW or channels-last): kernels see every tensor of a
+step flat, in memory order."""
 from __future__ import annotations
 
 import functools
 import importlib.util
 import logging
 import os
-import shutil
 import types
 import warnings
 from typing import Callable
 
 import torch
 
+from . import native
 from .layers import TemporalModule
 
 FUSED_ENV_VAR = "ANN2SNN_FUSED_NEURONS"
-# Below this many neurons per step a fused kernel saves less than its call costs: small layers stay eager.
+# Below this many neurons per step a compiled kernel saves less than its call costs: small layers stay
+# eager (the native kernel's call is cheap enough for any layer).
 FUSED_MIN_ELEMENTS = 16384
 _compiled_steps: dict[tuple, Callable | None] = {}
 # Chosen on models/resnet20.pt (4 bits, T=32): 8 % fewer spikes than IF at the same accuracy (500 test
@@ -103,12 +109,16 @@ def _step_into(dynamics: Callable, output: torch.Tensor, activity: torch.Tensor,
     activity.copy_(spikes.abs().flatten(1).sum(1))
 
 
+# Hand-written kernels, by (dynamics, dtype, device type): they replace the compiled step where they apply.
+NATIVE_STEPS: dict[tuple, Callable] = {(integrate_and_fire, torch.float32, "cpu"): native.integrate_and_fire_step}
+
+
 def _fusion_unavailable(device: torch.device) -> str | None:
     """Why fused kernels cannot be used on `device`, or None."""
     if os.environ.get(FUSED_ENV_VAR, "1") == "0":
         return f"{FUSED_ENV_VAR}=0"
     if device.type == "cpu":
-        return None if _cpp_compiler_found(os.environ.get("CXX")) else "no C++ compiler found (set CXX)"
+        return None if native.find_compiler(os.environ.get("CXX")) else "no C++ compiler found (set CXX)"
     if device.type == "cuda":
         if importlib.util.find_spec("triton") is None:
             return "Triton is not installed"
@@ -116,34 +126,47 @@ def _fusion_unavailable(device: torch.device) -> str | None:
     return f"no fused kernels for {device.type} tensors"
 
 
-@functools.lru_cache(maxsize=None)
-def _cpp_compiler_found(compiler: str | None) -> bool:
-    """(cached: searching PATH on every neuron call costs more than a small layer's update)"""
-    return any(shutil.which(name) for name in ([compiler] if compiler else ["c++", "g++", "clang++"]))
+def _memory_order(tensor: torch.Tensor) -> list[int]:
+    """The dimensions of [batch, ...] from outermost to innermost in memory (batch first): (0, 1, 2, 3) for
+    NCHW tensors, (0, 2, 3, 1) for channels-last ones."""
+    return [0] + sorted(range(1, tensor.dim()), key=lambda dim: -tensor.stride(dim))
 
 
-def _flat(tensor: torch.Tensor) -> torch.Tensor:
-    """[batch, ...] as [batch, neurons]: every layer then has the same rank, so that one compiled kernel
-    serves them all (per-channel constants are spelled out over the neurons of one sample)."""
-    return tensor.view(tensor.shape[0], -1)
+def _flat(tensor: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """[batch, ...] as [batch, neurons] in memory order (a view): every layer then has the same rank, so
+    that one kernel serves them all, whatever the layout."""
+    return tensor.permute(order).reshape(tensor.shape[0], -1)
 
 
-def _flat_constant(value, sample: torch.Tensor):
+def _flat_constant(value, sample: torch.Tensor, order: list[int]):
+    """A constant of the dynamics for flat tensors: per-channel constants spelled out over the neurons of
+    one sample, in the order of its memory."""
     if not isinstance(value, torch.Tensor):
         return value
     if value.numel() == 1:
         return value.reshape(())
-    return value.expand(sample.shape).reshape(1, -1)
+    return value.expand(sample.shape).permute(order).reshape(1, -1)
 
 
 def _fusion_key(dynamics: Callable, state: tuple, current: torch.Tensor, constants: tuple) -> tuple | None:
-    """What selects the compiled kernel of one step (None where fusion does not apply)."""
-    if current.numel() < FUSED_MIN_ELEMENTS or (torch.is_grad_enabled() and current.requires_grad) \
-            or not all(tensor.is_contiguous() for tensor in state) or torch.compiler.is_compiling() \
+    """What selects the fused kernel of one step (None where fusion does not apply: the state and the
+    current must be dense, in one layout)."""
+    if (torch.is_grad_enabled() and current.requires_grad) or torch.compiler.is_compiling() \
+            or not current.permute(_memory_order(current)).is_contiguous() \
+            or not all(tensor.stride() == current.stride() for tensor in state) \
             or _fusion_unavailable(current.device) is not None:
         return None
     scalar_constants = tuple(c.numel() == 1 for c in constants if isinstance(c, torch.Tensor))
     return dynamics, current.dtype, current.device.type, scalar_constants
+
+
+def _fused_step(key: tuple, neurons: int) -> Callable | None:
+    """The fused `_step_into` for calls of this key on `neurons` neurons per step: the native kernel where
+    there is one, else the compiled step for layers large enough to pay for its call."""
+    native_step = NATIVE_STEPS.get(key[:3])
+    if native_step is not None and native.library() is not None:
+        return native_step
+    return _compiled_step(key) if neurons >= FUSED_MIN_ELEMENTS else None
 
 
 def _compiled_step(key: tuple) -> Callable | None:
@@ -173,24 +196,24 @@ def _import_quietly(module: str) -> None:
 def _run_steps(dynamics: Callable, outputs: torch.Tensor, activity: torch.Tensor, state: tuple,
                currents: torch.Tensor, constants: tuple) -> None:
     """All steps of a chunk: `currents`, `outputs` [steps, batch, ...], `activity` [steps, batch]."""
-    step, start = _step_into, 0
+    step, start, view = _step_into, 0, (lambda tensor: tensor)
     key = _fusion_key(dynamics, state, currents[0], constants)
-    fused = _compiled_step(key) if key is not None else None
+    fused = _fused_step(key, currents[0].numel()) if key is not None else None
     if fused is not None:
         sample = currents[0, :1]
-        flat_state = tuple(_flat(tensor) for tensor in state)
-        flat_constants = tuple(_flat_constant(value, sample) for value in constants)
-        flat_outputs, flat_currents = outputs.flatten(2), currents.flatten(2)
+        order = _memory_order(sample)
+        flat_state = tuple(_flat(tensor, order) for tensor in state)
+        flat_constants = tuple(_flat_constant(value, sample, order) for value in constants)
         try:
-            fused(dynamics, flat_outputs[0], activity[0], flat_state, flat_currents[0], flat_constants)
+            fused(dynamics, _flat(outputs[0], order), activity[0], flat_state, _flat(currents[0], order), flat_constants)
             step, start, state, constants = fused, 1, flat_state, flat_constants
-            outputs, currents = flat_outputs, flat_currents
+            view = lambda tensor: _flat(tensor, order)
         except Exception as error:  # a compilation that failed never ran: the state is untouched
             _compiled_steps[key] = None
-            warnings.warn(f"fused neuron kernel unavailable, running eager torch ops instead: torch.compile "
+            warnings.warn(f"fused neuron kernel unavailable, running eager torch ops instead: it "
                           f"failed ({type(error).__name__}: {str(error).strip()[:300]})", RuntimeWarning, stacklevel=4)
     for t in range(start, currents.shape[0]):
-        step(dynamics, outputs[t], activity[t], state, currents[t], constants)
+        step(dynamics, view(outputs[t]), activity[t], state, view(currents[t]), constants)
 
 
 class SpikingNeuron(TemporalModule):
@@ -233,7 +256,8 @@ class SpikingNeuron(TemporalModule):
             setattr(self, name, getattr(self, name) * factor)
 
     def init_state(self, like: torch.Tensor) -> None:
-        self.v = (self.v_threshold * self.initial_membrane).expand_as(like).clone()
+        # (a sum with zeros takes like's layout, NCHW or channels-last, and exports to ONNX as one Add)
+        self.v = torch.zeros_like(like) + self.v_threshold * self.initial_membrane
         for name in self.zero_state:
             setattr(self, name, torch.zeros_like(self.v))
 
@@ -254,7 +278,7 @@ class SpikingNeuron(TemporalModule):
         currents = self.unfold_time(x)
         if self.v is None:
             self.init_state(currents[0])
-        outputs = torch.empty(currents.shape, dtype=currents.dtype, device=currents.device)
+        outputs = torch.empty_like(currents)
         per_step = currents.new_empty(currents.shape[:2])
         _run_steps(type(self).dynamics, outputs, per_step, self.state_tensors(), currents, self.constants())
         self.activity = per_step

@@ -18,6 +18,10 @@ _SHAPE_QUERIES = {"size", "dim"}
 # IF neurons): ResNet-20, T=32, 2 threads: 1 MiB 1.59, 2 MiB 1.26, 4 MiB 1.11, 8 MiB 1.18;
 # MobileNetV2-CIFAR, T=2, 1 thread: 1 MiB 0.74, 4 MiB 0.41, 8 MiB 0.43.
 WORKING_SET_BYTES = 4 << 20
+# Layout of image-shaped (4-D) activations during simulation, by device type. On CPU oneDNN runs
+# convolutions on channels-last tensors without the reorders NCHW ones need: measured (2-core EPYC,
+# 2 threads, batch 64), the 3x3 convolutions of ResNet-20 take 10-30 % less time on spikes.
+SIMULATION_MEMORY_FORMAT = {"cpu": torch.channels_last}
 # With stop_when_quiet, the network is checked for quiet after every chunk: short chunks stop sooner.
 QUIET_CHECK_STEPS = 4
 
@@ -171,12 +175,24 @@ class SpikingNetwork(nn.Module):
         encoding's `InputEncoder` inside the network makes the spikes) or at step 0 only (accumulate coding)."""
         return x if self.coding == "rate" or t == 0 else torch.zeros_like(x)
 
+    def in_simulation_layout(self, x: torch.Tensor) -> torch.Tensor:
+        """x, and the convolution weights, in the layout that simulates fastest on x's device (see
+        SIMULATION_MEMORY_FORMAT); the values are the same, the order of a convolution's sums may differ."""
+        memory_format = SIMULATION_MEMORY_FORMAT.get(x.device.type)
+        if memory_format is None or x.dim() != 4:
+            return x
+        for part in (self.prefix, self.body):
+            for module in part.modules():
+                if isinstance(module, nn.Conv2d) and not module.weight.is_contiguous(memory_format=memory_format):
+                    module.weight.data = module.weight.data.contiguous(memory_format=memory_format)
+        return x.contiguous(memory_format=memory_format)
+
     @torch.no_grad()
     def step(self, x_t: torch.Tensor) -> torch.Tensor:
         """One time step on an encoded input frame; returns this step's output contribution."""
         for module in self._temporal():
             module.set_window(self.t, 1)
-        out = self.body(*self.prefix(x_t))
+        out = self.body(*self.prefix(self.in_simulation_layout(x_t)))
         self.t += 1
         return out
 
@@ -233,6 +249,7 @@ class SpikingNetwork(nn.Module):
                              "network keeps integrating its input, so a quiet step says nothing")
         if stop_when_quiet and chunk_size is None:
             chunk_size = QUIET_CHECK_STEPS
+        x = self.in_simulation_layout(x)
         samples, steps = self.plan(x, chunk_size, sub_batch)
         parts = [self._simulate_samples(x[i:i + samples], T_list, steps, stop_when_quiet, quiet_steps)
                  for i in range(0, x.shape[0], samples)]

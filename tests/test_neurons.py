@@ -163,6 +163,7 @@ def test_a_fused_kernel_that_fails_falls_back_to_the_same_spikes(cls, monkeypatc
 
     monkeypatch.setenv(neurons.FUSED_ENV_VAR, "1")
     monkeypatch.setattr(neurons, "_fusion_unavailable", lambda device: None)
+    monkeypatch.setattr(neurons, "NATIVE_STEPS", {})  # the compiled step, not the native IF kernel (tests/test_native.py)
     monkeypatch.setattr(neurons, "_compiled_step", failing_compilation)
     monkeypatch.setattr(neurons, "_compiled_steps", {})  # the failure it records must not disable later tests' kernels
     with pytest.warns(RuntimeWarning, match="fused neuron kernel unavailable"):
