@@ -156,8 +156,11 @@ def _fusion_key(dynamics: Callable, state: tuple, current: torch.Tensor, constan
             or not all(tensor.stride() == current.stride() for tensor in state) \
             or _fusion_unavailable(current.device) is not None:
         return None
-    scalar_constants = tuple(c.numel() == 1 for c in constants if isinstance(c, torch.Tensor))
-    return dynamics, current.dtype, current.device.type, scalar_constants
+    # Tensor constants by whether they are scalars, Python ones (levels, spikes per step, decay) by value:
+    # compiled code specialises on those, and a process that meets many values would otherwise exhaust
+    # TorchDynamo's limit on recompilations of one key.
+    constant_kinds = tuple(c.numel() == 1 if isinstance(c, torch.Tensor) else c for c in constants)
+    return dynamics, current.dtype, current.device.type, constant_kinds
 
 
 def _fused_step(key: tuple, neurons: int) -> Callable | None:
@@ -175,7 +178,7 @@ def _compiled_step(key: tuple) -> Callable | None:
         _import_quietly("torch.utils.cpp_extension")
         # TorchDynamo keeps compiled graphs, and its limit on recompilations, per code object: each key
         # gets a copy of the code of its own. Dynamic shapes: one compilation serves every layer and
-        # batch size; Python constants (levels, spikes per step, decay) specialise it.
+        # batch size.
         code_copy = types.FunctionType(_step_into.__code__.replace(), _step_into.__globals__, _step_into.__name__)
         _compiled_steps[key] = torch.compile(code_copy, dynamic=True, fullgraph=True)
     return _compiled_steps[key]

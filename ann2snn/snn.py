@@ -82,14 +82,13 @@ class _ChunkInputs:
         self._built: dict[bool, tuple] = {}
 
     def _frames(self, value, first: bool):
+        """(concatenated: frames keep the values' layout, channels-last or not)"""
         if not isinstance(value, torch.Tensor):
             return value
         if self.coding == "rate":
-            return value.unsqueeze(0).expand((self.chunk,) + tuple(value.shape)).flatten(0, 1)
-        frames = value.new_zeros((self.chunk,) + tuple(value.shape))
-        if first:
-            frames[0] = value
-        return frames.flatten(0, 1)
+            return torch.cat([value] * self.chunk)
+        zeros = torch.zeros_like(value)
+        return torch.cat([value if first and step == 0 else zeros for step in range(self.chunk)])
 
     def frames(self, t0: int, steps: int) -> tuple:
         first = t0 == 0 and self.coding == "accumulate"

@@ -121,6 +121,25 @@ def test_several_T_in_one_run(snns, kind: str) -> None:
         assert (together.spikes[8][name] >= together.spikes[4][name]).all()
 
 
+@pytest.mark.parametrize("layout", ["channels-last on CPU", "NCHW"])
+def test_simulation_layout(layout: str, monkeypatch) -> None:
+    """On CPU the body runs channels-last (oneDNN convolves without reorders): after a simulation the
+    convolution weights and the membranes are channels-last, and the signed network still reproduces its
+    QANN in either layout; where no layout is set for the device, everything stays NCHW."""
+    if layout == "NCHW":
+        monkeypatch.setattr(ann2snn.snn, "SIMULATION_MEMORY_FORMAT", {})
+    expected_format = torch.channels_last if layout != "NCHW" else torch.contiguous_format
+    snn = ann2snn.convert(build(2), calibration(2), qbits=3, T=64, neuron="signed")
+    x = torch.randn(5, 3, 8, 8)
+    result = snn.simulate(x, [64], stop_when_quiet=True)
+    assert_rel_close(result.outputs[64], snn.qann(x))
+    convolutions = [m for m in snn.body.modules() if isinstance(m, nn.Conv2d)]
+    assert convolutions and all(m.weight.is_contiguous(memory_format=expected_format) for m in convolutions)
+    membranes = [n.v for n in snn.neurons.values() if n.v.dim() == 4]
+    assert membranes and all(v.is_contiguous(memory_format=expected_format) for v in membranes)
+    assert x.is_contiguous(), "the caller's tensor is left as it was"
+
+
 @pytest.mark.parametrize("qbits, k", [(1, 1), (2, 1), (4, 1), (4, 4), (8, 1), (8, 8)])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_signed_snn_equals_qann(qbits: int, k: int, seed: int) -> None:
