@@ -148,11 +148,12 @@ def _flat_constant(value, sample: torch.Tensor, order: list[int]):
     return value.expand(sample.shape).permute(order).reshape(1, -1)
 
 
-def _fusion_key(dynamics: Callable, state: tuple, current: torch.Tensor, constants: tuple) -> tuple | None:
+def _fusion_key(dynamics: Callable, state: tuple, current: torch.Tensor, constants: tuple,
+                order: list[int]) -> tuple | None:
     """What selects the fused kernel of one step (None where fusion does not apply: the state and the
-    current must be dense, in one layout)."""
+    current must be dense, in one layout; `order` is the current's `_memory_order`)."""
     if (torch.is_grad_enabled() and current.requires_grad) or torch.compiler.is_compiling() \
-            or not current.permute(_memory_order(current)).is_contiguous() \
+            or not current.permute(order).is_contiguous() \
             or not all(tensor.stride() == current.stride() for tensor in state) \
             or _fusion_unavailable(current.device) is not None:
         return None
@@ -200,11 +201,11 @@ def _run_steps(dynamics: Callable, outputs: torch.Tensor, activity: torch.Tensor
                currents: torch.Tensor, constants: tuple) -> None:
     """All steps of a chunk: `currents`, `outputs` [steps, batch, ...], `activity` [steps, batch]."""
     step, start, view = _step_into, 0, (lambda tensor: tensor)
-    key = _fusion_key(dynamics, state, currents[0], constants)
+    order = _memory_order(currents[0])
+    key = _fusion_key(dynamics, state, currents[0], constants, order)
     fused = _fused_step(key, currents[0].numel()) if key is not None else None
     if fused is not None:
         sample = currents[0, :1]
-        order = _memory_order(sample)
         flat_state = tuple(_flat(tensor, order) for tensor in state)
         flat_constants = tuple(_flat_constant(value, sample, order) for value in constants)
         try:
