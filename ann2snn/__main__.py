@@ -1,6 +1,6 @@
 """`python -m ann2snn`: the command line."""
 import sys
 
-from .cli import main
+from ann2snn.cli.main import main
 
 sys.exit(main())

@@ -23,8 +23,6 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, Subset
 
-from .observers import HistogramObserver, range_above
-
 DEFAULT_TIMEOUT = timedelta(minutes=10)
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 # Exact transport types: counts stay integers, floats keep their value, masks travel as bytes.
@@ -172,21 +170,3 @@ def reduce_over_processes(tree: Any, op: str) -> Any:
         else:
             reduced.append(None if value is None else type(leaf)(value.item()))
     return _rebuild(tree, iter(reduced))
-
-
-def all_reduce_observers(observers: Mapping[str, HistogramObserver]) -> None:
-    """Turn every process's observers into observers of all processes' data, equal to what one
-    observer fed all of it would hold: maxima combined by max; each histogram widened to the common
-    range (range_above of the overall maximum, as a single observer ends at; exact, see
-    HistogramObserver) and its counts summed."""
-    if not is_distributed():
-        return
-    maxima = reduce_over_processes({name: observer.max for name, observer in observers.items()}, "max")
-    for name, observer in observers.items():
-        if maxima[name] is not None:
-            observer.max = maxima[name]
-            observer.rebin(range_above(float(observer.max.max())))
-    counts = reduce_over_processes({name: (observer.hist, observer.zeros) for name, observer in observers.items()},
-                                   "sum")
-    for name, observer in observers.items():
-        observer.hist, observer.zeros = counts[name]

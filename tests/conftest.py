@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ann2snn.data import SHARED_ENV_VAR, shared_dir
+from ann2snn.io.data import SHARED_ENV_VAR, shared_dir
 
 
 @pytest.fixture(autouse=True)

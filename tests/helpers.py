@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from ann2snn.cli import main
+from ann2snn.cli.main import main
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 

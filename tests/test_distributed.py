@@ -27,9 +27,9 @@ from torch.utils.data import DataLoader, TensorDataset
 import ann2snn
 from ann2snn import distributed
 from ann2snn.distributed import process_group, reduce_over_processes, require_on_every_process, shard
-from ann2snn.layers import QCFSQuantizer
-from ann2snn.model_loading import Preprocessing, save_checkpoint
-from models import build_model
+from ann2snn.compiler.quantizer import QCFSQuantizer
+from ann2snn.io.model_loading import Preprocessing, save_checkpoint
+from ann2snn.zoo import build_model
 from tests.helpers import randomize_bn
 
 CALIBRATIONS = [(rule, per_channel) for rule in ("max", "percentile", "mse") for per_channel in (False, True)]

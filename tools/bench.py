@@ -51,15 +51,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import ann2snn  # noqa: E402
-from ann2snn.api import prepare_pipeline  # noqa: E402
-from ann2snn.data import ListFileDataset, cifar10_transform, make_loader, shared_dir  # noqa: E402
-from ann2snn.evaluate import device_name  # noqa: E402
-from ann2snn.layers import ClippedReLU  # noqa: E402
-from ann2snn.model_loading import load_model  # noqa: E402
-from ann2snn.resources import PeakMemory  # noqa: E402
-from ann2snn.serialization import _atomic_write  # noqa: E402
-from ann2snn.snn import SIMULATION_MEMORY_FORMAT  # noqa: E402
-from models import build_model  # noqa: E402
+from ann2snn.compiler.convert import prepare_pipeline  # noqa: E402
+from ann2snn.io.data import ListFileDataset, cifar10_transform, make_loader, shared_dir  # noqa: E402
+from ann2snn.evaluation.evaluate import device_name  # noqa: E402
+from ann2snn.compiler.quantizer import ClippedReLU  # noqa: E402
+from ann2snn.io.model_loading import load_model  # noqa: E402
+from ann2snn.runtime.memory import PeakMemory  # noqa: E402
+from ann2snn.io.atomic import atomic_write  # noqa: E402
+from ann2snn.runtime.network import SIMULATION_MEMORY_FORMAT  # noqa: E402
+from ann2snn.zoo import build_model  # noqa: E402
 
 IMAGE_SHAPE = (3, 32, 32)
 CALIBRATION_IMAGES = 512
@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
     report = "\n".join(header) + "\n" + "\n\n".join(sections) + "\n"
     print(report)
     if args.markdown:
-        _atomic_write(args.markdown, report.encode())
+        atomic_write(args.markdown, report.encode())
 
 
 if __name__ == "__main__":

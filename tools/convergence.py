@@ -15,8 +15,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ann2snn  # noqa: E402
-from ann2snn.convergence import convergence  # noqa: E402
-from models import build_model  # noqa: E402
+from ann2snn.evaluation.convergence import convergence  # noqa: E402
+from ann2snn.zoo import build_model  # noqa: E402
 
 MODELS = {
     "torchvision:resnet18": (3, 64, 64),

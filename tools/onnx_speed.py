@@ -20,10 +20,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ann2snn  # noqa: E402
-from ann2snn.data import ListFileDataset, cifar10_transform, make_loader, shared_dir  # noqa: E402
-from ann2snn.model_loading import load_model  # noqa: E402
-from ann2snn.onnx_export import FILE_NAMES, FORMATS, onnx_models, save_onnx  # noqa: E402
-from models import build_model  # noqa: E402
+from ann2snn.io.data import ListFileDataset, cifar10_transform, make_loader, shared_dir  # noqa: E402
+from ann2snn.io.model_loading import load_model  # noqa: E402
+from ann2snn.interop.onnx import FILE_NAMES, FORMATS, onnx_models, save_onnx  # noqa: E402
+from ann2snn.zoo import build_model  # noqa: E402
 
 INPUT_SHAPE = (3, 32, 32)
 

@@ -5,7 +5,7 @@ same images.
 
 SpikingJelly (its `RateCodingRecipe` with channel-wise 99.9 % thresholds and half-threshold membranes, on
 the model rewritten into forms it accepts, see `tools/bench.py`) converts the model with the 512 shared
-calibration images; `ann2snn.spikingjelly.from_spikingjelly` imports its network, which then runs through
+calibration images; `ann2snn.interop.spikingjelly.from_spikingjelly` imports its network, which then runs through
 `ann2snn.evaluate` (accuracy, spikes and synaptic operations per image) beside our default conversion
 (IF neurons, 4 bits, mse thresholds) on the stratified test subset `ann2snn convert --eval-size N` uses."""
 from __future__ import annotations
@@ -20,10 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ann2snn  # noqa: E402
-from ann2snn.evaluate import EvaluationReport  # noqa: E402
-from ann2snn.data import cifar10_transform, make_loader, open_dataset, shared_dir, stratified_subset  # noqa: E402
-from ann2snn.model_loading import load_model  # noqa: E402
-from ann2snn.spikingjelly import from_spikingjelly  # noqa: E402
+from ann2snn.evaluation.evaluate import EvaluationReport  # noqa: E402
+from ann2snn.io.data import cifar10_transform, make_loader, open_dataset, shared_dir, stratified_subset  # noqa: E402
+from ann2snn.io.model_loading import load_model  # noqa: E402
+from ann2snn.interop.spikingjelly import from_spikingjelly  # noqa: E402
 from bench import Images, SpikingJelly, table  # noqa: E402
 
 

@@ -18,8 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ann2snn  # noqa: E402
-from ann2snn.data import ListFileDataset, cifar10_transform, make_loader, shared_dir  # noqa: E402
-from ann2snn.model_loading import load_model  # noqa: E402
+from ann2snn.io.data import ListFileDataset, cifar10_transform, make_loader, shared_dir  # noqa: E402
+from ann2snn.io.model_loading import load_model  # noqa: E402
 
 DEFAULT_CONFIGS = ("if,if:pc:rule=percentile@99.99,lif,signed-rate:pc:rule=percentile@99.99,"
                    "signed,signed:k=2,signed:k=4,signed:adaptive")

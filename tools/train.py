@@ -23,12 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ann2snn.api import quantize  # noqa: E402
-from ann2snn.data import open_dataset, shared_dir  # noqa: E402
-from ann2snn.finetune import TrainingConfig, accuracy, finetune, train  # noqa: E402
-from ann2snn.model_loading import Preprocessing, load_model, save_checkpoint  # noqa: E402
-from ann2snn.training_data import TensorBatches, decode_images  # noqa: E402
-from models import build_model  # noqa: E402
+from ann2snn.compiler.convert import quantize  # noqa: E402
+from ann2snn.io.data import open_dataset, shared_dir  # noqa: E402
+from ann2snn.training.finetune import TrainingConfig, accuracy, finetune, train  # noqa: E402
+from ann2snn.io.model_loading import Preprocessing, load_model, save_checkpoint  # noqa: E402
+from ann2snn.training.batches import TensorBatches, decode_images  # noqa: E402
+from ann2snn.zoo import build_model  # noqa: E402
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,6 +43,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--warmup-epochs", type=float, default=0.0)
+    parser.add_argument("--label-smoothing", type=float, default=0.0)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train", help="training data (default <shared>/data/cifar10/train)")
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_loader = TensorBatches(eval_images, eval_labels, 500, *normalisation, augment=False, shuffle=False)
 
     config = TrainingConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
-                            warmup_epochs=args.warmup_epochs)
+                            warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing)
     fit_options = {"eval_loader": eval_loader, "state_path": Path(f"{args.out}.state"),
                    "progress": not args.no_progress}
     if args.qbits is None:

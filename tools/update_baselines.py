@@ -18,10 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ann2snn.data import shared_dir  # noqa: E402
-from ann2snn.regression import (BASELINES_FILE, MANIFESTS_FILE, check_manifests, compare, format_table,  # noqa: E402
-                                load_baselines, measure, write_baselines)
-from ann2snn.serialization import _atomic_write  # noqa: E402
+from ann2snn.io.data import shared_dir  # noqa: E402
+from ann2snn.evaluation.regression import BASELINES_FILE, MANIFESTS_FILE, check_manifests, compare, format_table, load_baselines, measure, write_baselines
+from ann2snn.io.atomic import atomic_write  # noqa: E402
 
 
 def record_manifests(shared: Path) -> None:
@@ -30,7 +29,7 @@ def record_manifests(shared: Path) -> None:
         path = shared / manifest["path"]
         manifest["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
         manifest["images"] = sum(1 for line in path.read_text().splitlines() if line.strip())
-    _atomic_write(MANIFESTS_FILE, (json.dumps(manifests, indent=2) + "\n").encode())
+    atomic_write(MANIFESTS_FILE, (json.dumps(manifests, indent=2) + "\n").encode())
 
 
 def main(argv: list[str] | None = None) -> int:

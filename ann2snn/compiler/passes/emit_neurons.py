@@ -1,0 +1,126 @@
+"""Pass 8: the QANN becomes a spiking graph.
+
+Each quantizer becomes a neuron layer followed by a `Scale` holding the value of one spike (the layer's
+threshold for rate-coded IF neurons, the quantization step theta/L for signed neurons); with accumulate
+coding, biases of conv, linear and affine layers become `AddBias` injections given at the first step
+only (with rate coding a bias is a current at every step: it stays in its layer, whose kernel adds it
+for free, instead of costing one more pass over the activation); max pooling becomes exact pooling of
+accumulated spikes. Everything else stays as synaptic computation."""
+from __future__ import annotations
+
+import copy
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ann2snn.compiler.graph_utils import finalize, free_name, insert_module_after, is_module, is_number, replace_with_module
+from ann2snn.compiler.passes.check_supported import is_shape_value
+from ann2snn.compiler.ops import MAX_POOLS, WEIGHTED
+from ann2snn.runtime.layers import AddBias, ChannelAffine, Scale, SpikingMaxPool
+from ann2snn.compiler.quantizer import QCFSQuantizer
+from ann2snn.runtime.neurons import AdaptiveNeuron, IFNeuron, LIFNeuron, SignedNeuron, SpikingNeuron
+
+NEURON_KINDS = ("if", "lif", "signed", "signed-rate", "adaptive")
+_FUNCTIONAL_MAX_POOLS = {F.max_pool1d: nn.MaxPool1d, F.max_pool2d: nn.MaxPool2d, F.max_pool3d: nn.MaxPool3d}
+_MAX_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
+_OFFSETS = {operator.add: 1.0, torch.add: 1.0, "add": 1.0, "add_": 1.0,
+            operator.sub: -1.0, torch.sub: -1.0, "sub": -1.0, "sub_": -1.0}
+
+
+def spike_value(quantizer: QCFSQuantizer, kind: str) -> torch.Tensor:
+    """What one spike of the neuron standing for `quantizer` is worth in the QANN's units: the
+    quantization step theta/L for signed neurons (accumulate coding), the threshold theta otherwise."""
+    return quantizer.step if kind == "signed" else quantizer.theta
+
+
+def make_neuron(quantizer: QCFSQuantizer, kind: str, max_spikes_per_step: int,
+                options: dict | None = None) -> tuple[SpikingNeuron, Scale]:
+    """The neuron standing for a calibrated quantizer, and the value one of its spikes carries.
+    `options` are extra neuron arguments (e.g. decay for 'lif', adapt_increase and adapt_decay for
+    'adaptive')."""
+    options = options or {}
+    value = Scale(spike_value(quantizer, kind))
+    if kind == "if":
+        return IFNeuron(quantizer.theta, max_spikes_per_step, **options), value
+    if kind == "adaptive":
+        return AdaptiveNeuron(quantizer.theta, max_spikes_per_step, **options), value
+    if kind == "lif":
+        return LIFNeuron(quantizer.theta, max_spikes_per_step=max_spikes_per_step, **options), value
+    if kind == "signed":
+        return SignedNeuron(quantizer.step, quantizer.levels, max_spikes_per_step, **options), value
+    if kind == "signed-rate":
+        return SignedNeuron(quantizer.theta, None, max_spikes_per_step, **options), value
+    raise ValueError(f"unknown neuron {kind!r}; choose one of {NEURON_KINDS}")
+
+
+def coding_of(kind: str) -> str:
+    return "accumulate" if kind == "signed" else "rate"
+
+
+def _functional_max_pool(node: fx.Node) -> nn.Module:
+    kind = _FUNCTIONAL_MAX_POOLS[node.target]
+    given = dict(zip(_MAX_POOL_ARGS, node.args[1:]))
+    given.update({k: v for k, v in node.kwargs.items() if k in _MAX_POOL_ARGS})
+    return kind(**given)
+
+
+def _constant_offset(node: fx.Node) -> tuple[fx.Node, float] | None:
+    """(tensor, c) for `tensor + c`, `c + tensor` or `tensor - c` with a Python number c."""
+    if node.op not in ("call_function", "call_method") or node.target not in _OFFSETS or len(node.args) != 2:
+        return None
+    first, second = node.args
+    if isinstance(first, fx.Node) and is_shape_value(first) or isinstance(second, fx.Node) and is_shape_value(second):
+        return None
+    if isinstance(first, fx.Node) and is_number(second):
+        return first, _OFFSETS[node.target] * second
+    if isinstance(second, fx.Node) and is_number(first) and _OFFSETS[node.target] > 0:
+        return second, float(first)
+    return None
+
+
+def _strip_bias(layer: nn.Module) -> nn.Module:
+    stripped = copy.deepcopy(layer)
+    if isinstance(stripped, ChannelAffine):
+        stripped.bias.zero_()
+    else:
+        stripped.bias = None
+    return stripped
+
+
+def emit_neurons(gm: fx.GraphModule, neuron: str = "if", max_spikes_per_step: int = 1,
+                 neuron_options: dict | None = None) -> fx.GraphModule:
+    once = coding_of(neuron) == "accumulate"
+    stripped_biases: dict[str, tuple[torch.Tensor, int]] = {}
+    for node in list(gm.graph.nodes):
+        if is_module(gm, node, QCFSQuantizer):
+            quantizer = gm.get_submodule(node.target)
+            if not quantizer.calibrated:
+                raise ValueError(f"quantizer '{node.target}' has no threshold: calibrate before emitting neurons")
+            spiking, amplitude = make_neuron(quantizer, neuron, max_spikes_per_step, neuron_options)
+            gm.add_submodule(node.target, spiking)
+            insert_module_after(gm, node, f"{node.target}_amplitude", amplitude)
+        elif once and is_module(gm, node, WEIGHTED + (ChannelAffine,)):
+            # a layer called at several sites is stripped once; every site gets its own injection
+            if node.target not in stripped_biases:
+                layer = gm.get_submodule(node.target)
+                if layer.bias is None:
+                    continue
+                stripped_biases[node.target] = (layer.bias.detach().clone(), -1 if isinstance(layer, nn.Linear) else 1)
+                gm.add_submodule(node.target, _strip_bias(layer))
+            bias, channel_dim = stripped_biases[node.target]
+            insert_module_after(gm, node, f"{node.target}_bias", AddBias(bias, once, channel_dim))
+        elif is_module(gm, node, MAX_POOLS):
+            gm.add_submodule(node.target, SpikingMaxPool(gm.get_submodule(node.target)))
+        elif node.op == "call_function" and node.target in _FUNCTIONAL_MAX_POOLS:
+            owner = node.meta.get("module_path")
+            path = f"{owner}.{node.name}" if owner else node.name
+            replace_with_module(gm, node, free_name(gm, path), SpikingMaxPool(_functional_max_pool(node)), node.args[:1])
+        elif (offset := _constant_offset(node)) is not None:
+            # a constant current, injected like a bias so that accumulate coding adds it only once
+            tensor, constant = offset
+            replace_with_module(gm, node, free_name(gm, f"{node.name}_offset"),
+                                AddBias(torch.tensor([constant]), once, 1), (tensor,))
+    return finalize(gm)

@@ -1,0 +1,21 @@
+"""Pass 6: each normalised activation becomes a QCFS clip-floor-shift quantizer with 2**bits - 1 levels
+(uncalibrated until `calibrate_thresholds` sets its threshold); `ann2snn.compiler.qbits` says how many
+bits each activation gets."""
+from __future__ import annotations
+
+import torch.fx as fx
+
+from ann2snn.compiler.graph_utils import finalize, is_module
+from ann2snn.compiler.qbits import QBits, activation_bits, activation_nodes, check_qbits
+from ann2snn.compiler.quantizer import ClippedReLU, QCFSQuantizer
+
+
+def insert_quantizers(gm: fx.GraphModule, qbits: QBits = 4, per_channel: bool = False) -> fx.GraphModule:
+    bits = activation_bits(gm, qbits)
+    for node in activation_nodes(gm):
+        if is_module(gm, node, ClippedReLU):
+            upper = gm.get_submodule(node.target).upper
+            gm.add_submodule(node.target, QCFSQuantizer(check_qbits(bits[node.target]), upper, per_channel))
+    return finalize(gm)
+
+

@@ -1,0 +1,232 @@
+"""Writing an evaluation report: report.json, report.md, two figures, and the terminal summary.
+
+Everything here reads the report.json document (`EvaluationReport.to_json()`, possibly with the
+command line's `model` and `data` sections added), so a report can be re-rendered from its JSON.
+Figures are drawn on matplotlib `Figure` objects directly: no pyplot, no global backend change."""
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from ann2snn.io.atomic import atomic_write
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+ACCURACY_PLOT = "accuracy_vs_T.png"
+SPIKES_PLOT = "spikes_per_layer.png"
+_DPI = 200
+
+Document = dict[str, Any]
+
+
+def _si(value: float | None) -> str:
+    """1234567 -> '1.23 M'."""
+    if value is None:
+        return "–"
+    for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.2f} {suffix}"
+    return f"{value:.4g}"
+
+
+def _percent(fraction: float | None, digits: int = 2) -> str:
+    return "–" if fraction is None else f"{100 * fraction:.{digits}f} %"
+
+
+def _energy(microjoules: float | None) -> str:
+    return "–" if microjoules is None else f"{microjoules:.2f} µJ"
+
+
+def _T_values(document: Document) -> list[int]:
+    return sorted(int(T) for T in document["accuracy"]["snn"])
+
+
+def _network_rows(document: Document) -> tuple[list[str], list[list[str]]]:
+    """One row per network (ANN, QANN, SNN at each T): accuracy, operations and energy per image."""
+    accuracy, energy = document["accuracy"], document["energy"]
+    agreement = document.get("agreement_snn_qann") or {}
+    ratios = energy.get("ann_over_snn") or {}
+    header = ["Network", "T", "Top-1", "Agrees with QANN", "Spikes/img", "MACs/img", "ACs (synops)/img",
+              "Energy/img", "ANN/SNN energy"]
+    rows = [["ANN", "–", _percent(accuracy["ann"]), "–", "–", _si(document["ann_macs_per_image"]), "–",
+             _energy(energy["ann_uj_per_image"]), "1.00" if energy["ann_uj_per_image"] else "–"],
+            ["QANN", "–", _percent(accuracy["qann"]), "–", "–", "–", "–", "–", "–"]]
+    for T in _T_values(document):
+        key = str(T)
+        ratio = ratios.get(key)
+        rows.append(["SNN", key, _percent(accuracy["snn"][key]), _percent(agreement.get(key)),
+                     _si(document["spikes"]["per_image"][key]), _si(document["snn_macs_per_image"][key]),
+                     _si(document["synops_per_image"][key]), _energy(energy["snn_uj_per_image"][key]),
+                     "–" if ratio is None else f"{ratio:.2f}"])
+    return header, rows
+
+
+def _layer_rows(document: Document) -> tuple[list[str], list[list[str]]]:
+    header = ["Layer", "Neurons", "Spikes/img", "Firing rate", "Never fired"]
+    rows = [[layer["name"], str(layer["neurons"]), _si(layer["spikes_per_image"]),
+             _percent(layer["firing_rate"]), _percent(layer["never_fired_fraction"], 1)]
+            for layer in document["spikes"]["per_layer"]]
+    return header, rows
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in [header, *rows])
+
+
+def _title(document: Document) -> str:
+    config = document["config"]
+    model = document.get("model", {}).get("arch", "model")
+    return (f"{model} → SNN: {config.get('neuron', '?')} neurons, {config.get('qbits', '?')}-bit QANN, "
+            f"{config.get('coding', '?')} coding, threshold rule {config.get('threshold_rule', '?')}")
+
+
+def _memory(timing: dict[str, Any]) -> str:
+    """Peak memory, the limit it was planned against and the time steps simulated per chunk (reports
+    written before these were recorded say so)."""
+    peak = timing.get("peak_memory_mb")
+    parts = ["peak not measured" if peak is None else f"peak {peak:.0f} MiB ({timing['peak_memory_measure']})"]
+    if timing.get("memory_limit_mb") is not None:
+        parts.append(f"limit {timing['memory_limit_mb']:.0f} MiB")
+    if timing.get("chunk_size") is not None:
+        parts.append(f"{timing['chunk_size']} time steps per simulated chunk")
+    return ", ".join(parts)
+
+
+def save_figure(figure: Figure, path: str | Path) -> Path:
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=_DPI)
+    atomic_write(Path(path), png.getvalue())
+    return Path(path)
+
+
+def _data_lines(document: Document) -> list[str]:
+    lines = []
+    for role, entry in document.get("data", {}).items():
+        subset = (f" of {entry['available']}, a stratified subset drawn with seed {entry['seed']}"
+                  if entry["images"] < entry["available"] else "")
+        lines.append(f"{role.capitalize()} data: `{entry['spec']}`, {entry['images']} images{subset}.")
+    return lines
+
+
+def markdown(document: Document) -> str:
+    """report.md: the report as readable tables."""
+    energy, timing = document["energy"], document["timing"]
+    model = document.get("model")
+    layers_header, layer_rows = _layer_rows(document)
+    network_header, network_rows = _network_rows(document)
+    sections = [
+        f"# {_title(document)}",
+        "\n\n".join(line for line in [
+            f"Checkpoint: `{model['checkpoint']}` (architecture {model['arch']}, from the {model['arch_source']})"
+            if model else "",
+            *_data_lines(document),
+            f"{document['images']} evaluation images; one simulation per batch up to T = {max(_T_values(document))}.",
+        ] if line),
+        "## Accuracy, operations and energy per image\n\n" + _markdown_table(network_header, network_rows),
+        f"Energy constants: {energy['reference']}. {energy['method']} First-layer MACs on the analog input "
+        "are counted once per time step for rate coding and once per image for accumulate coding.",
+        f"## Spikes per layer at T = {document['spikes']['T']}\n\n" + _markdown_table(layers_header, layer_rows),
+        "Firing rate: spikes per neuron per time step. Never fired: share of the layer's neurons that did not "
+        "spike for any evaluated image.",
+        "## Timing\n\n" + _markdown_table(
+            ["Wall time", "Images/s", "SNN simulation", "SNN images/s", "Device"],
+            [[f"{timing['wall_s']:.1f} s", f"{timing['images_per_s']:.1f}", f"{timing['snn_s']:.1f} s",
+              f"{timing['snn_images_per_s']:.1f}", timing["device"]]]),
+        f"Memory: {_memory(timing)}.",
+        "## Configuration\n\n" + _markdown_table(
+            ["Setting", "Value"], [[key, f"`{value}`"] for key, value in document["config"].items()]),
+        f"![Accuracy against time steps]({ACCURACY_PLOT})\n\n![Spikes per layer]({SPIKES_PLOT})",
+    ]
+    return "\n\n".join(sections) + "\n"
+
+
+def summary(document: Document) -> str:
+    """The one-screen summary the command line prints at the end."""
+    energy, timing = document["energy"], document["timing"]
+    network_header, network_rows = _network_rows(document)
+    quietest = min(document["spikes"]["per_layer"], key=lambda layer: layer["firing_rate"], default=None)
+    lines = [
+        _title(document),
+        f"{document['images']} images, {timing['wall_s']:.1f} s ({timing['images_per_s']:.1f} images/s) "
+        f"on {timing['device']}",
+        f"Memory: {_memory(timing)}",
+        "",
+        text_table(network_header, network_rows),
+        "",
+        f"Energy: {energy['reference']}.",
+    ]
+    if quietest is not None:
+        lines.append(f"{len(document['spikes']['per_layer'])} spiking layers; lowest firing rate "
+                     f"{_percent(quietest['firing_rate'])} in {quietest['name']}.")
+    return "\n".join(lines)
+
+
+def plot_accuracy_vs_T(document: Document, path: str | Path) -> Path:
+    """SNN top-1 accuracy against T, with the ANN and QANN accuracies as reference lines."""
+    T_values = _T_values(document)
+    accuracy = document["accuracy"]
+    figure = Figure(figsize=(5.0, 3.6), layout="constrained")
+    axes = figure.add_subplot()
+    axes.plot(T_values, [100 * accuracy["snn"][str(T)] for T in T_values], marker="o", color="tab:blue",
+              label="SNN")
+    for name, style, color in (("ann", "--", "tab:gray"), ("qann", ":", "tab:orange")):
+        if accuracy[name] is not None:
+            axes.axhline(100 * accuracy[name], linestyle=style, color=color,
+                         label=f"{name.upper()} ({100 * accuracy[name]:.1f} %)")
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(T_values, [str(T) for T in T_values])
+    axes.minorticks_off()
+    axes.set_xlabel("Time steps T")
+    axes.set_ylabel("Top-1 accuracy (%)")
+    axes.set_title(f"{document.get('model', {}).get('arch', 'SNN')}: accuracy vs. time steps "
+                   f"({document['images']} images)", fontsize=10)
+    axes.grid(True, alpha=0.3)
+    axes.legend(loc="lower right", fontsize=8)
+    return save_figure(figure, path)
+
+
+def plot_spikes_per_layer(document: Document, path: str | Path) -> Path:
+    """Per spiking layer: spikes per image (top) and firing rate and never-firing share (bottom)."""
+    layers = document["spikes"]["per_layer"]
+    names = [layer["name"] for layer in layers]
+    positions = range(len(layers))
+    figure = Figure(figsize=(max(6.0, 0.35 * len(layers) + 2.0), 5.5), layout="constrained")
+    spikes_axes, rate_axes = figure.subplots(2, 1, sharex=True)
+    spikes_axes.bar(positions, [layer["spikes_per_image"] for layer in layers], color="tab:blue")
+    spikes_axes.set_ylabel("Spikes per image")
+    spikes_axes.set_title(f"Spiking activity per layer at T = {document['spikes']['T']} "
+                          f"({document['images']} images)", fontsize=10)
+    rate_axes.bar(positions, [100 * layer["firing_rate"] for layer in layers], color="tab:green",
+                  label="Firing rate (spikes per neuron per step)")
+    rate_axes.plot(positions, [100 * layer["never_fired_fraction"] for layer in layers], "kx", linestyle="none",
+                   label="Neurons that never fired")
+    rate_axes.set_ylabel("Percent")
+    rate_axes.set_xlabel("Spiking layer")
+    rate_axes.set_xticks(list(positions), names, rotation=60, ha="right", fontsize=7)
+    rate_axes.legend(fontsize=8)
+    for axes in (spikes_axes, rate_axes):
+        axes.grid(True, axis="y", alpha=0.3)
+    return save_figure(figure, path)
+
+
+def write_report(document: Document, directory: str | Path) -> list[Path]:
+    """Write report.json, report.md and the two figures into `directory`; returns their paths. Each file
+    appears complete or not at all (written under a temporary name, then renamed)."""
+    directory = Path(directory)
+    json_path, markdown_path = directory / REPORT_JSON, directory / REPORT_MD
+    atomic_write(json_path, (json.dumps(document, indent=2) + "\n").encode())
+    atomic_write(markdown_path, markdown(document).encode())
+    return [json_path, markdown_path, plot_accuracy_vs_T(document, directory / ACCURACY_PLOT),
+            plot_spikes_per_layer(document, directory / SPIKES_PLOT)]

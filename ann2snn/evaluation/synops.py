@@ -1,0 +1,134 @@
+"""Counting synaptic operations, the basis of the energy estimate.
+
+A synaptic layer (convolution, linear layer, or a 1-to-1 weighted synapse: `Scale`, `ChannelAffine`)
+connects every input entry to the outputs it has a non-zero weight towards: its *fan-out*. The fan-out
+map of a layer is computed once per input shape as the gradient of the summed output of the layer with
+its weights replaced by the (weight != 0) mask, i.e. the transposed convolution of a ones tensor with
+that mask: exact at the borders (padding connects to nothing) and blind to pruned synapses.
+
+Two ways of counting, per sample and time step:
+
+* dense (an ANN, or the SNN's static prefix on the analog input): every input entry is multiplied
+  into every synapse it feeds, spike or not, so MACs = the sum of the fan-out map;
+* event-driven (the SNN's body): an input row of integers is a set of spike events, each spike of
+  magnitude k costing k × fan-out accumulates (ACs = sum |spike| × fan-out); a row that is not all
+  integers carries values that must be multiplied into the weights: graded spikes (the adaptive
+  neuron's, which carry the threshold they crossed), or analog values (a linear layer fed by another
+  linear layer, as in MobileNetV2's linear bottleneck, or one fed through average pooling). Each of its
+  non-zero entries costs fan-out MACs (MACs = sum over non-zero entries of the fan-out): for graded
+  spikes one multiply-accumulate per synapse an event reaches, for an analog row (non-zero almost
+  everywhere) the dense count.
+
+Energy constants: 45 nm CMOS, 32-bit floating point (Horowitz, "Computing's energy problem", ISSCC
+2014), the values the SNN conversion literature uses.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import TracebackType
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+from ann2snn.compiler.ops import WEIGHTED
+from ann2snn.runtime.layers import ChannelAffine, Scale
+
+E_MAC_PJ = 4.6
+E_AC_PJ = 0.9
+ENERGY_REFERENCE = "45 nm CMOS, 32-bit float: E_MAC = 4.6 pJ, E_AC = 0.9 pJ (Horowitz, ISSCC 2014)"
+
+# The tensor of each synaptic layer type whose non-zero entries are its synapses.
+_CONNECTION_TENSORS: dict[type, str] = {**{kind: "weight" for kind in WEIGHTED}, ChannelAffine: "weight",
+                                         Scale: "factor"}
+
+Window = Callable[[], tuple[int, int]]
+
+
+def connection_tensor_name(layer: nn.Module) -> str | None:
+    """The name of the parameter or buffer holding a synaptic layer's weights; None for other modules."""
+    for kind, name in _CONNECTION_TENSORS.items():
+        if isinstance(layer, kind):
+            return name
+    return None
+
+
+class _WithoutHooks(nn.Module):
+    """Runs a layer's forward without its hooks, so that probing a layer does not count as using it."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer.forward(x)
+
+
+def fan_out(layer: nn.Module, sample_shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """For one input sample of `sample_shape`, the number of non-zero synapses leaving each entry."""
+    name = connection_tensor_name(layer)
+    if name is None:
+        raise TypeError(f"{type(layer).__name__} is not a synaptic layer")
+    weights = getattr(layer, name)
+    connected = (weights != 0).to(weights.dtype)
+    probe = torch.zeros((1, *sample_shape), dtype=weights.dtype, device=weights.device, requires_grad=True)
+    with torch.enable_grad():
+        output = functional_call(_WithoutHooks(layer), {f"layer.{name}": connected}, (probe,))
+        (fan,) = torch.autograd.grad(output.sum(), probe)
+    return fan[0].detach()
+
+
+class SynapticOperationCounter:
+    """Forward hooks on every synaptic layer of `module`, summing its operations per time step.
+
+    `accumulates[t]` and `multiply_accumulates[t]` are the ACs and MACs of time step t, summed over
+    all samples seen. For a module called on time-folded inputs [steps * batch, ...] (the SNN body),
+    `window` returns the (first step, steps) of the current call; by default every call is step 0 of a
+    plain batch. `event_driven=False` counts every call densely, as an ANN computes.
+    """
+
+    def __init__(self, module: nn.Module, *, event_driven: bool, steps: int = 1, window: Window | None = None):
+        self.module = module
+        self.event_driven = event_driven
+        self.window = window or (lambda: (0, 1))
+        self.accumulates = torch.zeros(steps, dtype=torch.float64)
+        self.multiply_accumulates = torch.zeros(steps, dtype=torch.float64)
+        self._fan_outs: dict[tuple[int, torch.Size], torch.Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> SynapticOperationCounter:
+        for layer in self.module.modules():
+            if connection_tensor_name(layer) is not None:
+                self._handles.append(layer.register_forward_hook(self._count))
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _fan_out(self, layer: nn.Module, sample_shape: torch.Size) -> torch.Tensor:
+        key = (id(layer), sample_shape)
+        if key not in self._fan_outs:
+            self._fan_outs[key] = fan_out(layer, sample_shape).flatten()
+        return self._fan_outs[key]
+
+    def _count(self, layer: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        x = inputs[0]
+        first_step, steps = self.window()
+        fan = self._fan_out(layer, x.shape[1:])
+        rows = x.detach().reshape(steps, x.shape[0] // steps, -1)
+        if self.event_driven:
+            is_spike_row = rows.frac().abs_().amax(-1) == 0
+            # In the input's precision: the partial sums are integers, exact in float32 below 2**24
+            # per sample, and a float64 copy of every spike tensor would double the simulation's cost.
+            event_acs = (rows.abs() @ fan).double()
+            event_macs = ((rows != 0).to(rows.dtype) @ fan).double()
+            acs = torch.where(is_spike_row, event_acs, 0.0).sum(1)
+            macs = torch.where(is_spike_row, 0.0, event_macs).sum(1)
+        else:
+            acs = torch.zeros(steps, dtype=torch.float64, device=x.device)
+            macs = torch.full((steps,), rows.shape[1], dtype=torch.float64, device=x.device) * fan.sum().double()
+        self.accumulates[first_step:first_step + steps] += acs.cpu()
+        self.multiply_accumulates[first_step:first_step + steps] += macs.cpu()

@@ -1,0 +1,409 @@
+"""ONNX export of a converted network, in three formats:
+
+- `single-step`: one time step for streaming runtimes that keep the state themselves. Inputs are the
+  input frame `input`, the step index `t` (int64 scalar) and every state tensor (`<layer>.v`,
+  `<layer>.count`, `<layer>.spike_count`, `<pool>.running_sum`, ...); outputs are this step's output
+  contribution `output`, `t.next` and each state's new value `<state>.next`, to be fed back as `<state>`
+  at the next step. At `t = 0` the model ignores the state inputs and starts from the initial state
+  (membranes at `initial_membrane * v_threshold`, counters at zero), so the first call may pass zeros.
+- `t-step`: the whole simulation of `snn(x)` inside the graph, an ONNX `Loop` of T steps. Outputs are `output` (the time average for rate coding, the sum for accumulate
+  coding, as `snn(x)` returns) and every neuron layer's spike count per sample `<layer>.spike_count`.
+- `qann`: the quantized ANN the SNN reproduces, as a plain feed-forward model.
+
+Every model uses standard ONNX operators only (opset 18), passes `onnx.checker` with `full_check`, and
+has static shapes except the batch dimension.
+
+How: one time step of the network (static prefix, then spiking body) is written as a functional
+torch module, state in and state out (`_FunctionalStep` runs the FX graphs and calls each temporal
+module through a small step handler that reuses the module's own code, e.g. a neuron's `fire`), and
+traced by the current torch.onnx exporter (`dynamo=True`: torch.export, then onnxscript). That graph is
+the single-step model; with `onnx.helper` it also becomes the body of the T-step model's `Loop`, which
+feeds it the image at every step (rate coding) or at step 0 only (accumulate coding). So the static
+prefix is recomputed at every step instead of once as `snn(x)` does: about 1 % of ResNet-20's work
+(its first convolution), for one trace instead of two.
+
+Why this way: torch.onnx covers every synaptic op the compiler accepts (convolutions, pooling,
+padding, slicing, reshapes on a symbolic batch size) with standard operators, and since the neuron
+dynamics are traced from the very code `snn.step` runs, the graph performs the same elementwise float
+operations in the same order (only a runtime's convolution kernels may sum in another order); an FX-to-ONNX builder of our own would re-implement all of that. torch.export cannot
+express a loop over stateful steps, which ONNX's `Loop` does in a few nodes, and which keeps the T-step
+file the size of the single-step one whatever T is (an unrolled graph grows with T). The legacy
+TorchScript exporter (`dynamo=False`) is deprecated and not used.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from onnx import TensorProto, helper, numpy_helper
+
+from ann2snn.runtime.encoding import InputEncoder
+from ann2snn.errors import ConversionError, describe_node
+from ann2snn.runtime.layers import AddBias, SpikingMaxPool, TemporalModule
+from ann2snn.runtime.neurons import SpikingNeuron
+from ann2snn.io.atomic import atomic_write
+from ann2snn.runtime.network import SpikingNetwork, check_steps
+
+FORMATS = ("single-step", "t-step", "qann")
+FILE_NAMES = {"t-step": "snn.onnx", "single-step": "snn-step.onnx", "qann": "qann.onnx"}
+OPSET = 18
+INPUT, OUTPUT, STEP = "input", "output", "t"
+NEXT = ".next"
+
+State = dict[str, torch.Tensor]
+StepHandler = Callable[[nn.Module, torch.Tensor, "State | None", torch.Tensor], tuple[torch.Tensor, State]]
+
+
+def _neuron_step(neuron: SpikingNeuron, current: torch.Tensor, state: State | None,
+                 t: torch.Tensor) -> tuple[torch.Tensor, State]:
+    first = t == 0
+    neuron.reset()
+    neuron.init_state(current)
+    membrane = neuron.state_names()
+    if state is not None:
+        for name in membrane:
+            setattr(neuron, name, torch.where(first, getattr(neuron, name), state[name]))
+    output, spikes = neuron.fire(current)
+    fired = spikes.abs().flatten(1).sum(1)
+    new = {name: getattr(neuron, name) for name in membrane}
+    new["spike_count"] = fired if state is None else torch.where(first, fired, state["spike_count"] + fired)
+    neuron.reset()
+    return output, new
+
+
+def _bias_step(bias: AddBias, x: torch.Tensor, state: State | None, t: torch.Tensor) -> tuple[torch.Tensor, State]:
+    with_bias = x + bias.shaped_bias(x.ndim)
+    return (torch.where(t == 0, with_bias, x) if bias.once else with_bias), {}
+
+
+def _max_pool_step(pool: SpikingMaxPool, x: torch.Tensor, state: State | None,
+                   t: torch.Tensor) -> tuple[torch.Tensor, State]:
+    # One step of SpikingMaxPool.forward: pool the running sum, emit the change of the pooled maximum.
+    first = t == 0
+    running_sum = x if state is None else torch.where(first, x, x + state["running_sum"])
+    pooled = pool.pool(running_sum)
+    out = pooled if state is None else torch.where(first, pooled, pooled - state["running_max"])
+    return out, {"running_sum": running_sum, "running_max": pooled}
+
+
+def _encoder_step(encoder: InputEncoder, x: torch.Tensor, state: State | None,
+                  t: torch.Tensor) -> tuple[torch.Tensor, State]:
+    return encoder.encode(x, t.expand(x.shape[0])), {}
+
+
+STEP_HANDLERS: dict[type, StepHandler] = {
+    SpikingNeuron: _neuron_step,
+    AddBias: _bias_step,
+    SpikingMaxPool: _max_pool_step,
+    InputEncoder: _encoder_step,
+}
+"""One time step of each kind of temporal module, functional: (module, input, previous state or None at
+the first step of a layout run, the step index t as an int64 scalar tensor) -> (output, new state).
+Looked up along the module's class hierarchy; other modules run as they are."""
+
+
+def _handler(handlers: dict[type, StepHandler], module: nn.Module) -> StepHandler | None:
+    return next((handlers[kind] for kind in type(module).__mro__ if kind in handlers), None)
+
+
+class _FunctionalStep(fx.Interpreter):
+    """Runs one time step of a spiking graph with the state of its temporal modules passed in
+    (`states`, keyed by module path, None for the initial state) and collected in `new_states`."""
+
+    def __init__(self, gm: fx.GraphModule, handlers: dict[type, StepHandler], t: torch.Tensor,
+                 states: dict[str, State] | None):
+        super().__init__(gm)
+        self.handlers, self.t, self.states = handlers, t, states
+        self.new_states: dict[str, State] = {}
+        self.node: fx.Node | None = None
+
+    def run_node(self, node: fx.Node) -> Any:
+        self.node = node
+        return super().run_node(node)
+
+    def call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
+        module = self.fetch_attr(target)
+        if not isinstance(module, TemporalModule):
+            return super().call_module(target, args, kwargs)
+        handler = _handler(self.handlers, module)
+        if handler is None:
+            raise ConversionError(f"cannot export {describe_node(self.module, self.node)} to ONNX: no step handler "
+                                  f"for {type(module).__name__} (known: {', '.join(k.__name__ for k in self.handlers)})")
+        if target in self.new_states:
+            raise ConversionError(f"cannot export {describe_node(self.module, self.node)} to ONNX: the stateful module "
+                                  f"'{target}' is called more than once, so its state is ambiguous")
+        out, new = handler(module, *args, None if self.states is None else self.states.get(target, {}), self.t)
+        if new:
+            self.new_states[target] = new
+        return out
+
+
+class _Step(nn.Module):
+    """One time step of the whole network, functional: (frame, t, states) -> (output, new states), the
+    states flat in the order of `layout` ((module path, state names) pairs)."""
+
+    def __init__(self, snn: SpikingNetwork, handlers: dict[type, StepHandler], layout: list[tuple[str, list[str]]]):
+        super().__init__()
+        self.prefix, self.body, self.handlers, self.layout = snn.prefix, snn.body, handlers, layout
+
+    def forward(self, frame: torch.Tensor, t: torch.Tensor, states: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        flat = iter(states)
+        nested = {target: {name: next(flat) for name in names} for target, names in self.layout}
+        static = _FunctionalStep(self.prefix, self.handlers, t, nested).run(frame)
+        body = _FunctionalStep(self.body, self.handlers, t, nested)
+        out = body.run(*static)
+        return (out, *(body.new_states[target][name] for target, names in self.layout for name in names))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tracing with torch.onnx
+
+
+def _torch_export(module: nn.Module, args: tuple, input_names: list[str], output_names: list[str],
+                  dynamic_shapes: tuple, opset: int, what: str) -> onnx.ModelProto:
+    try:
+        with warnings.catch_warnings():
+            # every input's batch dimension is the one Dim; torch.onnx notes that it named it once
+            warnings.filterwarnings("ignore", message=".*shares the same shape constraints with another axis")
+            program = torch.onnx.export(module.eval(), args, dynamo=True, input_names=input_names,
+                                        output_names=output_names, dynamic_shapes=dynamic_shapes,
+                                        opset_version=opset, verbose=False)
+    except Exception as error:  # torch.export and onnxscript report failures as many exception types
+        root = error
+        while root.__cause__ is not None:
+            root = root.__cause__
+        reason = (str(root).strip().splitlines() or [type(root).__name__])[0]
+        raise ConversionError(f"torch.onnx could not export the {what}: {reason}") from error
+    return program.model_proto
+
+
+def _batch_dynamic(tensors) -> tuple:
+    batch = torch.export.Dim("batch")
+    return tuple({0: batch} for _ in tensors)
+
+
+def recorded_input_shape(snn: SpikingNetwork) -> tuple[int, ...] | None:
+    """The per-sample input shape recorded when the network was traced (lost by save/load)."""
+    placeholder = next(node for node in snn.prefix.graph.nodes if node.op == "placeholder")
+    meta = placeholder.meta.get("tensor_meta")
+    return tuple(meta.shape[1:]) if meta is not None else None
+
+
+def _dtype(module: nn.Module) -> torch.dtype:
+    return next((t.dtype for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()), torch.float32)
+
+
+class _TracedStep:
+    """One step of a network traced to ONNX (`model`: inputs input, t and the states; outputs output and
+    the new states), with what assembling the exported models needs to know about it."""
+
+    def __init__(self, snn: SpikingNetwork, example: torch.Tensor, handlers: dict[type, StepHandler], opset: int):
+        t = torch.tensor(0)
+        layout_run = _FunctionalStep(snn.body, handlers, t, None)
+        output = layout_run.run(*_FunctionalStep(snn.prefix, handlers, t, None).run(example))
+        if not isinstance(output, torch.Tensor):
+            raise ConversionError(f"cannot export to ONNX: the network returns a {type(output).__name__}, "
+                                  "not one tensor")
+        layout = [(target, list(state)) for target, state in layout_run.new_states.items()]
+        initial = tuple(tensor for state in layout_run.new_states.values() for tensor in state.values())
+        self.state_names = [f"{target}.{name}" for target, names in layout for name in names]
+        self.spike_counts = [f"{target}.spike_count" for target, names in layout if "spike_count" in names]
+        self.state_shapes = [tuple(tensor.shape[1:]) for tensor in initial]
+        self.output_shape = tuple(output.shape[1:])
+        self.dtype = helper.np_dtype_to_tensor_dtype(np.dtype(str(example.dtype).removeprefix("torch.")))
+        self.model = _torch_export(_Step(snn, handlers, layout), (example, t, initial),
+                                   [INPUT, STEP, *self.state_names], [OUTPUT, *(n + NEXT for n in self.state_names)],
+                                   (_batch_dynamic([example])[0], {}, _batch_dynamic(initial)), opset, "spiking step")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Assembling ONNX graphs
+
+
+def _renamed(graph: onnx.GraphProto, rename: Callable[[str], str]) -> onnx.GraphProto:
+    """A copy of `graph` with every value and node name passed through `rename` (subgraphs included)."""
+    graph = copy.deepcopy(graph)
+
+    def visit(g: onnx.GraphProto) -> None:
+        for node in g.node:
+            node.input[:] = [rename(name) if name else name for name in node.input]
+            node.output[:] = [rename(name) if name else name for name in node.output]
+            if node.name:
+                node.name = rename(node.name)
+            for attribute in node.attribute:
+                for subgraph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                    visit(subgraph)
+        for value in [*g.input, *g.output, *g.value_info]:
+            value.name = rename(value.name)
+        for tensor in g.initializer:
+            tensor.name = rename(tensor.name)
+
+    visit(graph)
+    return graph
+
+
+def _value_info(graph: onnx.GraphProto, name: str, as_name: str | None = None) -> onnx.ValueInfoProto:
+    info = copy.deepcopy(next(v for v in [*graph.input, *graph.output] if v.name == name))
+    info.name = as_name or name
+    return info
+
+
+def _constant(name: str, value, dtype) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.array(value, dtype=dtype), name)
+
+
+def _model(graph: onnx.GraphProto, template: onnx.ModelProto, metadata: dict[str, Any], doc: str) -> onnx.ModelProto:
+    model = helper.make_model(graph, opset_imports=template.opset_import, producer_name="ann2snn",
+                              ir_version=template.ir_version, doc_string=doc)
+    model.functions.extend(template.functions)
+    helper.set_model_props(model, {f"ann2snn.{key}": value if isinstance(value, str) else json.dumps(value)
+                                   for key, value in metadata.items()})
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _single_step_model(step: _TracedStep, metadata: dict[str, Any]) -> onnx.ModelProto:
+    graph = copy.deepcopy(step.model.graph)
+    graph.name = "snn_single_step"
+    graph.node.append(helper.make_node("Add", [STEP, "snn/one"], [STEP + NEXT]))
+    graph.initializer.append(_constant("snn/one", 1, np.int64))
+    graph.output.insert(1, helper.make_tensor_value_info(STEP + NEXT, TensorProto.INT64, []))
+    doc = ("One time step. Feed each output '<state>.next' back as input '<state>' (and 't.next' as 't') at the "
+           "next step; at t = 0 the state inputs are ignored and may be zeros.")
+    return _model(graph, step.model, {**metadata, "format": "single-step", "states": step.state_names}, doc)
+
+
+def _t_step_model(step: _TracedStep, T: int, coding: str, metadata: dict[str, Any]) -> onnx.ModelProto:
+    dtype, np_dtype = step.dtype, helper.tensor_dtype_to_np_dtype(step.dtype)
+    encode = coding == "accumulate"  # the image is injected at step 0 only: zero frames follow
+    # The step becomes the Loop body, its names under "step/"; it reads the image from the outer graph.
+    body = _renamed(step.model.graph, lambda name: name if name == INPUT and not encode else f"step/{name}")
+    states = [f"step/{name}" for name in step.state_names]
+    loop_nodes = []
+    if encode:
+        loop_nodes += [helper.make_node("Equal", ["step/t", "snn/zero_step"], ["step/first"]),
+                       helper.make_node("Where", ["step/first", INPUT, "snn/zero"], [f"step/{INPUT}"])]
+    loop_nodes += [*body.node,
+                   helper.make_node("Add", ["step/output_sum", f"step/{OUTPUT}"], ["step/output_sum.next"]),
+                   helper.make_node("Identity", ["step/cond"], ["step/cond.next"])]
+    loop_body = helper.make_graph(
+        loop_nodes, "snn_step",
+        [helper.make_tensor_value_info("step/t", TensorProto.INT64, []),
+         helper.make_tensor_value_info("step/cond", TensorProto.BOOL, []),
+         *(_value_info(body, name) for name in states), _value_info(body, f"step/{OUTPUT}", "step/output_sum")],
+        [helper.make_tensor_value_info("step/cond.next", TensorProto.BOOL, []),
+         *(_value_info(body, name + NEXT) for name in states),
+         _value_info(body, f"step/{OUTPUT}", "step/output_sum.next")],
+        value_info=list(body.value_info))
+
+    # The Loop starts from zero tensors [batch, ...] (the step ignores its state at t = 0), one per shape;
+    # the step's weights stay in the outer graph, which a Loop body may read.
+    nodes = [helper.make_node("Shape", [INPUT], ["snn/batch"], start=0, end=1)]
+    initializers = [*body.initializer, _constant("snn/T", T, np.int64)]
+    if encode:
+        initializers += [_constant("snn/zero", 0, np_dtype), _constant("snn/zero_step", 0, np.int64)]
+    zeros: dict[tuple[int, ...], str] = {}
+    for shape in [*step.state_shapes, step.output_shape]:
+        if shape not in zeros:
+            name = zeros[shape] = f"snn/zeros_{len(zeros)}"
+            initializers.append(_constant(f"{name}/shape", shape, np.int64))
+            nodes += [helper.make_node("Concat", ["snn/batch", f"{name}/shape"], [f"{name}/full_shape"], axis=0),
+                      helper.make_node("ConstantOfShape", [f"{name}/full_shape"], [name],
+                                       value=helper.make_tensor("value", dtype, [1], [0]))]
+    final = [name if name in step.spike_counts else f"snn/final/{name}" for name in step.state_names]
+    nodes.append(helper.make_node(
+        "Loop", ["snn/T", "", *(zeros[shape] for shape in step.state_shapes), zeros[step.output_shape]],
+        [*final, "snn/output_sum"], body=loop_body))
+    if coding == "rate":
+        initializers.append(_constant("snn/T_float", T, np_dtype))
+        nodes.append(helper.make_node("Div", ["snn/output_sum", "snn/T_float"], [OUTPUT]))
+    else:
+        nodes.append(helper.make_node("Identity", ["snn/output_sum"], [OUTPUT]))
+    graph = helper.make_graph(
+        nodes, "snn_t_step", [_value_info(step.model.graph, INPUT)],
+        [_value_info(body, f"step/{OUTPUT}", OUTPUT),
+         *(_value_info(body, f"step/{name}", name) for name in step.spike_counts)],
+        initializers)
+    doc = (f"{T} time steps on a static input: '{OUTPUT}' is the network output ("
+           f"{'time average' if coding == 'rate' else 'sum over time'}), '<layer>.spike_count' the spikes per sample.")
+    return _model(graph, step.model, {**metadata, "format": "t-step", "T": str(T)}, doc)
+
+
+def _qann_model(snn: SpikingNetwork, example: torch.Tensor, opset: int, metadata: dict[str, Any]) -> onnx.ModelProto:
+    if snn.qann is None:
+        raise ValueError("the network carries no QANN (snn.qann is None), so there is none to export")
+    qann = copy.deepcopy(snn.qann).cpu().eval()
+    exported = _torch_export(qann, (example.to(_dtype(qann)),), [INPUT], [OUTPUT], _batch_dynamic([example]), opset,
+                             "QANN")
+    graph = exported.graph
+    graph.name = "qann"
+    return _model(graph, exported, {**metadata, "format": "qann"},
+                  "The quantized ANN (QCFS activations) that the spiking network reproduces.")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public API
+
+
+def onnx_models(snn: SpikingNetwork, formats=FORMATS, *, input_shape: tuple[int, ...] | None = None,
+                T: int | None = None, opset: int = OPSET,
+                handlers: dict[type, StepHandler] = STEP_HANDLERS) -> dict[str, onnx.ModelProto]:
+    """The ONNX models of `snn` in each of `formats` (see the module docstring), checked by onnx.checker.
+
+    `input_shape` is the per-sample input shape (C, H, W); by default the one recorded when the model
+    was converted (a network reloaded from a file has none: pass it). `T` is the T-step model's number
+    of steps (default `snn.T`). `handlers` maps temporal module types to their functional step."""
+    if not isinstance(snn, SpikingNetwork):
+        raise TypeError(f"expected a SpikingNetwork, got {type(snn).__name__}")
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise ValueError(f"unknown ONNX format(s) {unknown or list(formats)}; choose from {FORMATS}")
+    T = snn.T if T is None else T
+    check_steps("T", T)
+    if not 17 <= opset:
+        raise ValueError(f"opset must be 17 or later, got {opset}")
+    input_shape = input_shape or recorded_input_shape(snn)
+    if input_shape is None:
+        raise ValueError("the network's input shape is unknown (it was not recorded, e.g. after loading from a file): "
+                         "pass input_shape=(C, H, W)")
+    network = copy.deepcopy(snn).cpu().eval()  # tracing drives the neurons; the caller's state stays as it was
+    network.reset()
+    example = torch.zeros((2, *input_shape), dtype=_dtype(network))  # batch 2: torch.export fixes a batch of 1
+    metadata = {"coding": network.coding, "config": network.config}
+    models = {}
+    if {"single-step", "t-step"} & set(formats):
+        step = _TracedStep(network, example, handlers, opset)
+        if "single-step" in formats:
+            models["single-step"] = _single_step_model(step, metadata)
+        if "t-step" in formats:
+            models["t-step"] = _t_step_model(step, T, network.coding, metadata)
+    if "qann" in formats:
+        models["qann"] = _qann_model(network, example, opset, metadata)
+    return {f: models[f] for f in formats}
+
+
+def save_onnx(model: onnx.ModelProto, path: str | Path) -> Path:
+    """Write `model` to `path` atomically (readers never see a partial file)."""
+    path = Path(path)
+    atomic_write(path, model.SerializeToString())
+    return path
+
+
+def export_onnx(snn: SpikingNetwork, path: str | Path, format: str = "t-step", **options) -> Path:
+    """Write `snn` as an ONNX model in `format` ('t-step', 'single-step' or 'qann') to `path`.
+    `options` are those of `onnx_models` (input_shape, T, opset, handlers)."""
+    return save_onnx(onnx_models(snn, (format,), **options)[format], path)
+
+
+def write_onnx_files(snn: SpikingNetwork, directory: str | Path, formats=FORMATS, **options) -> list[Path]:
+    """Write each format to its file in `directory` (FILE_NAMES); returns the paths written."""
+    directory = Path(directory)
+    return [save_onnx(model, directory / FILE_NAMES[f]) for f, model in onnx_models(snn, formats, **options).items()]

@@ -1,0 +1,252 @@
+"""From a checkpoint file to a model ready to convert, plus the preprocessing its inputs need.
+
+Accepted checkpoints:
+* the self-describing format written by `save_checkpoint`: {'format': 'ann2snn-checkpoint', 'arch',
+  'arch_kwargs', 'preprocessing', 'state_dict'};
+* a state dict, bare or wrapped ({'state_dict': ...}, DataParallel `module.` prefixes), with the
+  architecture given (`arch`: a name of `models.MODELS` or `torchvision:<name>`) or inferred from the
+  file name (`resnet20-cifar10.th` -> resnet20);
+* a whole pickled module, only with `trust_pickle=True` (unpickling can run arbitrary code).
+
+Every file is read with `torch.load(weights_only=True)` unless `trust_pickle` is set.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torchvision.transforms.functional as TF
+from torchvision import transforms
+
+from ann2snn.zoo import MODELS, TORCHVISION_PREFIX, build_model
+
+from ann2snn.io.checkpoint import CheckpointError, fit_state_dict, read_checkpoint, state_dict_of
+from ann2snn.errors import ConversionWarning
+from ann2snn.io.atomic import atomic_write
+
+CHECKPOINT_FORMAT = "ann2snn-checkpoint"
+DEFAULT_MEAN = (0.485, 0.456, 0.406)
+DEFAULT_STD = (0.229, 0.224, 0.225)
+DEFAULT_IMAGE_SIZE = (3, 32, 32)
+# A registry name followed by one of these (or the end) starts a file stem: resnet20-cifar10.th.
+_STEM_SEPARATORS = "-_."
+
+
+@dataclass
+class Preprocessing:
+    """What an image goes through before the model sees it: scaled to [0, 1], resized to
+    `image_size` (C, H, W) when its height and width differ, and normalised by `mean` and `std`."""
+
+    mean: list[float] = field(default_factory=lambda: list(DEFAULT_MEAN))
+    std: list[float] = field(default_factory=lambda: list(DEFAULT_STD))
+    image_size: list[int] = field(default_factory=lambda: list(DEFAULT_IMAGE_SIZE))
+
+    def __post_init__(self) -> None:
+        self.mean = [float(value) for value in self.mean]
+        self.std = [float(value) for value in self.std]
+        self.image_size = [int(value) for value in self.image_size]
+        if len(self.image_size) != 3 or min(self.image_size) < 1:
+            raise ValueError(f"image size must be three positive integers C, H, W; got {self.image_size}")
+        channels = self.image_size[0]
+        if len(self.mean) != channels or len(self.std) != channels:
+            raise ValueError(f"mean {self.mean} and std {self.std} need one value per channel "
+                             f"({channels} for image size {self.image_size})")
+        if min(self.std) <= 0:
+            raise ValueError(f"std values must be positive, got {self.std}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Preprocessing:
+        known = {key: values[key] for key in ("mean", "std", "image_size") if key in values}
+        return cls(**known)
+
+    def to_dict(self) -> dict[str, list]:
+        return asdict(self)
+
+    def transform(self) -> transforms.Compose:
+        return transforms.Compose([_ImageToModelInput(tuple(self.image_size)),
+                                   transforms.Normalize(self.mean, self.std)])
+
+
+class _ImageToModelInput:
+    """PIL image or [C, H, W] tensor in [0, 1] -> float tensor of the model's input size."""
+
+    def __init__(self, image_size: tuple[int, int, int]):
+        self.image_size = image_size
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        tensor = image if isinstance(image, torch.Tensor) else TF.to_tensor(image)
+        channels, height, width = self.image_size
+        if tensor.shape[0] != channels:
+            raise ValueError(
+                f"wrong input size: the data has {tensor.shape[0]}-channel images "
+                f"({'x'.join(map(str, tensor.shape))}) but the model expects {channels}x{height}x{width} inputs; "
+                "check the data, or the image size in the checkpoint's preprocessing (--image-size)")
+        if tuple(tensor.shape[1:]) != (height, width):
+            tensor = TF.resize(tensor, [height, width], antialias=True)
+        return tensor
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode with its weights, how it was identified, and its input preprocessing."""
+
+    model: nn.Module
+    arch: str
+    arch_kwargs: dict[str, Any]
+    preprocessing: Preprocessing
+    # Where the architecture came from: 'checkpoint', 'argument', 'file name' or 'pickled module'.
+    arch_source: str
+    # Fine-tuned activation thresholds ({'qbits', 'per_channel', 'thresholds'}), if the checkpoint has them.
+    quantization: dict[str, Any] | None = None
+
+
+def save_checkpoint(model: nn.Module, path: str | Path, arch: str, arch_kwargs: Mapping[str, Any] | None = None,
+                    preprocessing: Preprocessing | None = None, quantization: Mapping[str, Any] | None = None,
+                    training: Mapping[str, Any] | None = None) -> Path:
+    """Write `model`'s weights in the self-describing format, so that `load_model` needs no flags.
+
+    `quantization` ({'qbits', 'per_channel', 'thresholds': {quantizer name: theta}}) comes from
+    quantization-aware fine-tuning; `ann2snn convert` then uses these thresholds instead of calibrating.
+    `training` records how the weights were obtained (epochs, accuracy, command)."""
+    path = Path(path)
+    document = {
+        "format": CHECKPOINT_FORMAT,
+        "arch": arch,
+        "arch_kwargs": dict(arch_kwargs or {}),
+        "preprocessing": (preprocessing or Preprocessing()).to_dict(),
+        "state_dict": model.state_dict(),
+    }
+    if quantization is not None:
+        document["quantization"] = dict(quantization)
+    if training is not None:
+        document["training"] = dict(training)
+    serialized = io.BytesIO()
+    torch.save(document, serialized)
+    atomic_write(path, serialized.getvalue())
+    return path
+
+
+def known_architectures() -> str:
+    return f"{', '.join(sorted(MODELS))}, or {TORCHVISION_PREFIX}<name> (e.g. {TORCHVISION_PREFIX}resnet18)"
+
+
+def _build(arch: str, arch_kwargs: Mapping[str, Any]) -> nn.Module:
+    try:
+        return build_model(arch, **arch_kwargs)
+    except KeyError as error:
+        raise ValueError(error.args[0]) from None
+    except TypeError as error:
+        raise ValueError(f"cannot build {arch} with {dict(arch_kwargs)}: {error}") from None
+
+
+def _final_linear_key(model: nn.Module) -> str | None:
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    return f"{linears[-1]}.weight" if linears else None
+
+
+def _kwargs_for(arch: str, state: Mapping[str, torch.Tensor], num_classes: int | None) -> dict[str, Any]:
+    """Constructor arguments: num_classes as given, else as the checkpoint's final layer has it."""
+    if num_classes is not None:
+        return {"num_classes": num_classes}
+    key = _final_linear_key(_build(arch, {}))
+    if key is not None and key in state and state[key].dim() == 2:
+        return {"num_classes": int(state[key].shape[0])}
+    return {}
+
+
+def _fits(model: nn.Module, state: Mapping[str, torch.Tensor]) -> bool:
+    expected = {key: value.shape for key, value in model.state_dict().items()
+                if not key.endswith("num_batches_tracked")}
+    given = {key: value.shape for key, value in state.items() if not key.endswith("num_batches_tracked")}
+    return expected == given
+
+
+def _stem_candidates(stem: str) -> list[str]:
+    """Architecture names a file stem may denote, in the order they are tried: registry names the stem
+    starts with, longest first (resnet20-cifar10 -> resnet20); registry names extending the stem
+    (mobilenet_v2 -> mobilenet_v2_cifar); then torchvision models the stem starts with, longest first.
+
+    The project's registry comes first: its CIFAR models match the default preprocessing, and some
+    have the same layers as the torchvision model of the same name (mobilenet_v2)."""
+    import torchvision.models
+
+    stem = stem.lower()
+
+    def starts_stem(name: str) -> bool:
+        return stem == name or (stem.startswith(name) and stem[len(name)] in _STEM_SEPARATORS)
+
+    def longest_first(names: list[str]) -> list[str]:
+        return sorted(names, key=len, reverse=True)
+
+    registry = longest_first([name for name in MODELS if starts_stem(name)])
+    extensions = [name for name in MODELS if name.startswith(stem + "_")]
+    torchvision_names = longest_first([name for name in torchvision.models.list_models() if starts_stem(name)])
+    return list(dict.fromkeys(registry + extensions + [f"{TORCHVISION_PREFIX}{name}" for name in torchvision_names]))
+
+
+def infer_arch(path: str | Path, state: Mapping[str, torch.Tensor], num_classes: int | None = None) -> str:
+    """The architecture named by the checkpoint's file name whose layers fit the state dict."""
+    stem = Path(path).stem
+    candidates = _stem_candidates(stem)
+    if not candidates:
+        raise CheckpointError(f"{path}: cannot tell the architecture from the file name '{stem}'; pass --arch NAME "
+                              f"with NAME one of {known_architectures()}")
+    for arch in candidates:
+        if _fits(_build(arch, _kwargs_for(arch, state, num_classes)), state):
+            return arch
+    raise CheckpointError(f"{path}: the weights fit none of the architectures its file name suggests "
+                          f"({', '.join(candidates)}); pass --arch NAME with NAME one of {known_architectures()}")
+
+
+_MODE_DEPENDENT = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
+_LISTED_LAYERS = 3
+
+
+def _mode_dependent_layers(model: nn.Module) -> list[str]:
+    """Names of the layers that compute something else in training mode (BatchNorm, dropout): a saved
+    training-mode flag matters only where there are some."""
+    names = [name or type(model).__name__ for name, module in model.named_modules() if isinstance(module, _MODE_DEPENDENT)]
+    return names[:_LISTED_LAYERS] + ([f"{len(names) - _LISTED_LAYERS} more"] if len(names) > _LISTED_LAYERS else [])
+
+
+def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | None = None,
+               preprocessing: Mapping[str, Any] | None = None, trust_pickle: bool = False) -> LoadedModel:
+    """Load a checkpoint file (see the module docstring for the accepted forms) into a model.
+
+    `arch` and `num_classes` override what the file says; `preprocessing` entries (mean, std,
+    image_size) override the file's, which default to `Preprocessing()` (the CIFAR-10 ResNet-20's)."""
+    path = Path(path)
+    # Read once: with trust_pickle, every read would run the file's pickled code again.
+    raw = read_checkpoint(path, trust_pickle=trust_pickle)
+    state = state_dict_of(raw, path)
+    described = raw if isinstance(raw, Mapping) and raw.get("format") == CHECKPOINT_FORMAT else {}
+    settings = {**dict(described.get("preprocessing") or {}), **dict(preprocessing or {})}
+    resolved_preprocessing = Preprocessing.from_dict(settings)
+
+    if isinstance(raw, nn.Module) and arch is None:
+        changing = _mode_dependent_layers(raw) if raw.training else []
+        if changing:
+            warnings.warn(f"{path}: the pickled model was saved in training mode; converting its eval() form, in "
+                          f"which BatchNorm uses its running statistics and dropout is off ({', '.join(changing)})",
+                          ConversionWarning, stacklevel=2)
+        return LoadedModel(raw.eval(), type(raw).__name__, {}, resolved_preprocessing, "pickled module")
+    if arch is not None:
+        arch_source = "argument"
+    elif described:
+        if not isinstance(described.get("arch"), str):
+            raise CheckpointError(f"{path}: an {CHECKPOINT_FORMAT} file without an architecture name; pass --arch NAME")
+        arch, arch_source = described["arch"], "checkpoint"
+    else:
+        arch, arch_source = infer_arch(path, state, num_classes), "file name"
+    arch_kwargs = dict(described.get("arch_kwargs") or {}) if arch_source == "checkpoint" else {}
+    if num_classes is not None or not arch_kwargs:
+        arch_kwargs.update(_kwargs_for(arch, state, num_classes))
+    model = fit_state_dict(_build(arch, arch_kwargs), state, path)
+    quantization = described.get("quantization")
+    return LoadedModel(model.eval(), arch, arch_kwargs, resolved_preprocessing, arch_source, quantization)

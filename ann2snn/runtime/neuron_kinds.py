@@ -1,0 +1,58 @@
+"""The neuron registry: every `neuron=` kind the compiler can emit, as one table entry (constructor, coding,
+value of a spike, the options it takes). Adding a neuron model is one entry here."""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ann2snn.runtime.coding import ACCUMULATE, RATE, Coding
+from ann2snn.runtime.neurons import (DEFAULT_ADAPT_DECAY, DEFAULT_ADAPT_INCREASE, AdaptiveNeuron, IFNeuron, LIFNeuron,
+                                     SignedNeuron, SpikingNeuron)
+
+
+@dataclass(frozen=True)
+class NeuronKind:
+    """`build(theta, levels, max_spikes_per_step, options)` makes the neuron standing for a calibrated QCFS
+    quantizer of threshold theta and L = levels; `spike_value(theta, levels)` is what one of its spikes is
+    worth in the QANN's units; `options` names the keyword options `build` accepts (with their defaults)."""
+
+    name: str
+    coding: Coding
+    build: Callable[[torch.Tensor, int, int, Mapping[str, Any]], SpikingNeuron]
+    spike_value: Callable[[torch.Tensor, int], torch.Tensor]
+    options: Mapping[str, Any]
+    description: str
+
+
+def _threshold(theta: torch.Tensor, levels: int) -> torch.Tensor:
+    return theta
+
+
+def _step(theta: torch.Tensor, levels: int) -> torch.Tensor:
+    return theta / levels
+
+
+NEURON_KINDS: dict[str, NeuronKind] = {kind.name: kind for kind in (
+    NeuronKind("if", RATE, lambda theta, levels, k, options: IFNeuron(theta, k, **options), _threshold, {},
+               "integrate-and-fire, 0/1 spikes, threshold theta, reset by subtraction"),
+    NeuronKind("lif", RATE, lambda theta, levels, k, options: LIFNeuron(theta, max_spikes_per_step=k, **options),
+               _threshold, {"decay": 0.95, "compensate_leak": True},
+               "leaky integrate-and-fire with leak-compensating current"),
+    NeuronKind("signed", ACCUMULATE, lambda theta, levels, k, options: SignedNeuron(theta / levels, levels, k, **options),
+               _step, {}, "ternary spikes of theta/L, count kept in [0, L]: equals the QANN once settled"),
+    NeuronKind("signed-rate", RATE, lambda theta, levels, k, options: SignedNeuron(theta, None, k, **options),
+               _threshold, {}, "ternary spikes of theta, rate-coded: takes back spikes fired too early"),
+    NeuronKind("adaptive", RATE, lambda theta, levels, k, options: AdaptiveNeuron(theta, k, **options), _threshold,
+               {"adapt_increase": DEFAULT_ADAPT_INCREASE, "adapt_decay": DEFAULT_ADAPT_DECAY},
+               "adaptive threshold: fewer, heavier spikes"),
+)}
+
+
+def neuron_kind(name: str) -> NeuronKind:
+    try:
+        return NEURON_KINDS[name]
+    except KeyError:
+        raise ValueError(f"unknown neuron {name!r}; choose one of {tuple(NEURON_KINDS)}") from None

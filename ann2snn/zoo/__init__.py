@@ -1,0 +1,58 @@
+"""Model zoo: CIFAR-sized networks by name, plus any torchvision classification model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from ann2snn.zoo.cifar_resnet import resnet20, resnet32, resnet44, resnet56
+from ann2snn.zoo.mobilenet_v2_cifar import mobilenet_v2_cifar, mobilenet_v2_cifar_s2
+from ann2snn.zoo.vgg_cifar import vgg11_bn_cifar, vgg16_bn_cifar
+
+__all__ = ["MODELS", "TORCHVISION_PREFIX", "build_model"]
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "resnet20": resnet20,
+    "resnet32": resnet32,
+    "resnet44": resnet44,
+    "resnet56": resnet56,
+    "mobilenet_v2_cifar": mobilenet_v2_cifar,
+    "mobilenet_v2_cifar_s2": mobilenet_v2_cifar_s2,
+    "vgg11_bn_cifar": vgg11_bn_cifar,
+    "vgg16_bn_cifar": vgg16_bn_cifar,
+}
+
+TORCHVISION_PREFIX = "torchvision:"
+
+
+def build_model(name: str, **kwargs: object) -> nn.Module:
+    """Build a randomly initialised model from MODELS, or `torchvision:<name>` (e.g. torchvision:resnet18).
+
+    Keyword arguments such as num_classes go to the constructor. torchvision models
+    are built with weights=None: pretrained weights are loaded from a checkpoint
+    file instead, never downloaded.
+    """
+    if name.startswith(TORCHVISION_PREFIX):
+        return _build_torchvision_model(name.removeprefix(TORCHVISION_PREFIX), kwargs)
+    try:
+        constructor = MODELS[name]
+    except KeyError:
+        known = ", ".join(sorted(MODELS))
+        raise KeyError(
+            f"unknown model {name!r}; known models: {known}, or {TORCHVISION_PREFIX}<name> "
+            f"for a torchvision model (e.g. {TORCHVISION_PREFIX}resnet18)"
+        ) from None
+    return constructor(**kwargs)
+
+
+def _build_torchvision_model(name: str, kwargs: dict[str, object]) -> nn.Module:
+    # Imported here: torchvision.models is slow to import and only this path needs it.
+    import torchvision.models
+
+    if name not in torchvision.models.list_models():
+        raise KeyError(
+            f"unknown torchvision model {name!r} in {TORCHVISION_PREFIX}{name}; "
+            "torchvision.models.list_models() lists the available names"
+        )
+    return torchvision.models.get_model(name, weights=None, **kwargs)

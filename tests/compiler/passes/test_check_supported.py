@@ -1,0 +1,149 @@
+"""Pass 5 (check_supported): one ConversionError listing every node a spiking network cannot compute."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ann2snn import ConversionError
+from ann2snn.compiler.passes import check_supported, fold_batchnorm, normalize_activations, remove_identities, trace
+
+
+def prepared(model: nn.Module):
+    """The graph check_supported sees in the pipeline."""
+    return fold_batchnorm(remove_identities(normalize_activations(trace(model.eval()))))
+
+
+class Unsupported(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.SiLU()
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.conv1(x))
+        x = F.gelu(self.conv2(x))
+        x = torch.softmax(x, dim=1)
+        x = F.relu(x * x)
+        return self.fc(x.flatten(1))
+
+
+def test_all_offending_nodes_in_one_error() -> None:
+    gm = prepared(Unsupported())
+    with pytest.raises(ConversionError, match=r"node 'act' \[call_module act \(SiLU\)\]") as info:
+        check_supported(gm)
+    message = str(info.value)
+    assert message.startswith("4 node(s) cannot be converted")
+    for name in ("gelu", "softmax", "mul"):
+        assert re.search(rf"node '{name}' ", message), name
+    assert "product of two tensors" in message
+    # supported nodes are not listed
+    for name in ("conv1", "conv2", "relu", "fc", "flatten"):
+        assert f"node '{name}'" not in message
+
+
+class Supported(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.dw_bn = nn.BatchNorm2d(8)
+        self.bn_after_add = nn.BatchNorm2d(8)
+        self.pool = nn.MaxPool2d(2)
+        self.avg = nn.AvgPool2d(2)
+        self.pad = nn.ZeroPad2d(1)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16 + 8, 5)
+        with torch.no_grad():
+            for bn in (self.bn, self.dw_bn, self.bn_after_add):
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.5, 2.0)
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self.bn(self.conv(x)))
+        y = self.dw_bn(self.dw(x)).clamp(0, 4)
+        x = self.bn_after_add(x + y)
+        x = torch.relu(x - 0.5 * y / 2)
+        a = self.pool(x)                                  # 8x4x4
+        b = F.max_pool2d(x[:, :, ::2, ::2] * 2, 1)       # 8x4x4
+        c = self.avg(F.pad(x, (1, 1, 1, 1)))              # 8x5x5
+        c = F.avg_pool2d(self.pad(c)[:, :, 1:, 1:], 3, 2)  # 8x3x3
+        cat = torch.cat([a, b], dim=1)                    # 16x4x4
+        g = cat.mean(dim=(2, 3))
+        h = self.gap(c).view(c.size(0), -1)
+        return self.fc(torch.cat([g, h.flatten(1)], 1))
+
+
+def test_supported_model_passes_unchanged() -> None:
+    model = Supported().eval()
+    gm = prepared(model)
+    before = [(n.op, n.target, n.args) for n in gm.graph.nodes]
+    checked = check_supported(gm)
+    assert [(n.op, n.target, n.args) for n in checked.graph.nodes] == before
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(checked(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+class Weird(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = nn.MaxPool2d(2, return_indices=True)
+        self.register_buffer("offset", torch.ones(1, 4, 1, 1))
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        if self.kind == "get_attr":
+            return x + self.offset
+        if self.kind == "batch_index":
+            return x[1:]
+        if self.kind == "mean_all":
+            return x.mean()
+        if self.kind == "mean_batch":
+            return torch.mean(x, 0)
+        if self.kind == "pad_value":
+            return F.pad(x, (1, 1), value=1.0)
+        if self.kind == "indices":
+            return self.pool(x)[0]
+        if self.kind == "tensor_div":
+            return x / (x + 1)
+        raise AssertionError(self.kind)
+
+
+@pytest.mark.parametrize("kind, node, reason", [
+    ("get_attr", "offset", "tensor attribute"),
+    ("batch_index", "getitem", "batch dimension"),
+    ("mean_all", "mean", "over all dimensions"),
+    ("mean_batch", "mean", "batch dimension"),
+    ("pad_value", "pad", "non-zero value 1.0"),
+    ("indices", "pool", "returns indices"),
+    ("tensor_div", "truediv", "product of two tensors"),
+])
+def test_unsupported_ops_are_named(kind: str, node: str, reason: str) -> None:
+    gm = prepared(Weird(kind))
+    with pytest.raises(ConversionError, match=rf"node '{node}' .*: [^\n]*{reason}"):
+        check_supported(gm)
+
+
+class Reciprocal(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return 1.0 / torch.relu(self.conv(x))
+
+
+def test_constant_divided_by_tensor_is_rejected() -> None:
+    gm = prepared(Reciprocal())
+    with pytest.raises(ConversionError, match=r"node 'truediv'"):
+        check_supported(gm)

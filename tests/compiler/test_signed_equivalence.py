@@ -1,0 +1,88 @@
+"""Property test: on random networks (random ops, widths, depths, weights and qbits), a network of
+signed neurons settles on its QANN exactly: every neuron's spike count equals the QANN's integer level
+and the summed output equals the QANN output (float64, so no pre-activation ties a level boundary)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ann2snn
+from ann2snn.compiler.quantizer import QCFSQuantizer
+from tests.helpers import qann_levels, randomize_bn
+
+
+class RandomBlock(nn.Module):
+    """One of: conv+BN+ReLU (dense, grouped or depthwise), a residual pair, a two-branch concat, a
+    pooling, or a pad-and-slice shortcut; every one ends in an activation except the pooling."""
+
+    def __init__(self, kind: str, channels: int, rng: random.Random):
+        super().__init__()
+        self.kind = kind
+        groups = rng.choice([1, channels]) if kind == "conv" else 1
+        self.conv = nn.Conv2d(channels, channels, rng.choice([1, 3]), padding="same", groups=groups)
+        self.bn = nn.BatchNorm2d(channels)
+        self.other = nn.Conv2d(channels, channels, 3, padding=1)
+        self.activation = rng.choice([nn.ReLU(), nn.ReLU6()])
+        self.pool = rng.choice([nn.MaxPool2d(2, ceil_mode=True), nn.AvgPool2d(2, ceil_mode=True)])
+
+    def forward(self, x):
+        if self.kind == "conv":
+            return self.activation(self.bn(self.conv(x)))
+        if self.kind == "residual":
+            return F.relu(self.bn(self.conv(x)) + x)
+        if self.kind == "concat":
+            half = x.shape[1] // 2
+            return torch.cat([F.relu(self.conv(x))[:, :half], F.relu(self.other(x))[:, half:]], dim=1)
+        if self.kind == "pool":
+            return self.pool(x)
+        # "shift": pad spatially and slice back, a shortcut that moves spikes around
+        return F.relu(self.conv(F.pad(x, (1, 0, 0, 1))[:, :, :-1, 1:]) + x)
+
+
+class RandomNet(nn.Module):
+    def __init__(self, seed: int):
+        super().__init__()
+        rng = random.Random(seed)
+        channels = rng.choice([4, 6, 8])
+        self.stem = nn.Conv2d(3, channels, 3, padding=1)
+        kinds = [rng.choice(["conv", "residual", "concat", "pool", "shift"]) for _ in range(rng.randint(2, 6))]
+        self.blocks = nn.Sequential(*(RandomBlock(kind, channels, rng) for kind in kinds))
+        self.head = nn.Linear(channels, 5)
+
+    def forward(self, x):
+        x = self.blocks(F.relu(self.stem(x)))
+        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def _he_init(model: nn.Module) -> nn.Module:
+    # He-scaled weights keep activations alive through depth, so the comparison is not of zeros
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            nn.init.uniform_(module.bias, -0.2, 0.2)
+    return model
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_signed_network_settles_on_the_qann(seed: int) -> None:
+    torch.manual_seed(seed)
+    qbits = random.Random(seed).randint(1, 8)
+    model = randomize_bn(_he_init(RandomNet(seed))).eval()
+    calib = [torch.randn(8, 3, 12, 12) for _ in range(2)]
+    snn = ann2snn.convert(model, calib, qbits=qbits, T=4096, neuron="signed").double()
+    x = torch.randn(4, 3, 12, 12, dtype=torch.float64)
+
+    expected, levels = qann_levels(snn.qann, x, [name for name, q in snn.qann.named_modules()
+                                                 if isinstance(q, QCFSQuantizer)])
+    result = snn.simulate(x, [4096], stop_when_quiet=True)
+
+    assert int(result.steps_used.max()) < 4096, "the network never fell quiet"
+    for name, neuron in snn.neurons.items():
+        assert torch.equal(neuron.count, levels[name]), f"layer {name}: spike counts differ from QANN levels"
+    error = (result.outputs[4096] - expected).norm() / expected.norm()
+    assert error < 1e-5, f"seed {seed}, qbits {qbits}: relative error {error:.2e}"
+    assert expected.std(0).mean() > 1e-3 * expected.abs().mean(), "output does not depend on the input"

@@ -1,0 +1,204 @@
+"""SpikingNetwork: chunked simulation, streaming, several T per run, and exact equivalence of signed SNNs."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ann2snn
+from ann2snn.runtime import network
+from ann2snn.runtime.neurons import IFNeuron, SignedNeuron
+import functools
+
+from tests.helpers import randomize_bn
+
+randomize_bn_wide = functools.partial(randomize_bn, bias=(-0.3, 0.5))
+
+
+
+
+
+class MixNet(nn.Module):
+    """Conv/BN, depthwise conv, residual add, max/avg pooling, concatenation, padding and slicing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.dw = nn.Conv2d(6, 6, 3, padding=1, groups=6)
+        self.conv3 = nn.Conv2d(6, 6, 1)
+        self.pool = nn.MaxPool2d(2)
+        self.conv4 = nn.Conv2d(12, 8, 3)
+        self.fc1 = nn.Linear(8 * 2 * 2, 10)
+        self.fc2 = nn.Linear(10, 4)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))           # 6x8x8
+        y = F.relu6(self.dw(x) * 2)
+        x = torch.relu(self.conv3(y) + x)             # residual add
+        a = self.pool(x)                              # 6x4x4
+        b = F.avg_pool2d(x, 2)                        # 6x4x4
+        c = F.pad(torch.cat([a, b], 1), (1, 1, 1, 1))  # 12x6x6
+        x = self.conv4(c).clamp(0, 4)                 # 8x4x4
+        x = F.max_pool2d(x, 3, 1, 1)[:, :, ::2, ::2]  # 8x2x2
+        x = F.relu(self.fc1(x.flatten(1)))
+        return self.fc2(x)
+
+
+def calibration(seed: int = 5):
+    torch.manual_seed(seed)
+    return [torch.randn(16, 3, 8, 8) for _ in range(2)]
+
+
+def build(seed: int = 0) -> nn.Module:
+    """A MixNet with He-initialised weights, so that the output depends clearly on the input."""
+    torch.manual_seed(seed)
+    model = randomize_bn_wide(MixNet())
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                m.bias.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+def assert_rel_close(actual, expected, rel: float = 1e-5) -> None:
+    expected = expected.detach()
+    torch.testing.assert_close(actual.detach(), expected, rtol=rel, atol=rel * float(expected.abs().max()))
+
+
+@pytest.fixture(scope="module")
+def snns():
+    """One converted network per neuron kind (2 bits, per-layer thresholds)."""
+    model = build()
+    return {kind: ann2snn.convert(model, calibration(), qbits=2, T=16, neuron=kind) for kind in ("if", "signed")}
+
+
+@pytest.mark.parametrize("kind", ["if", "signed"])
+def test_simulate_equals_single_step_loop(snns, kind: str) -> None:
+    snn = snns[kind]
+    assert snn.coding == ("rate" if kind == "if" else "accumulate")
+    assert all(isinstance(n, IFNeuron if kind == "if" else SignedNeuron) for n in snn.neurons.values())
+    T = 16
+    x = torch.randn(3, 3, 8, 8)
+    simulated = snn.simulate(x, [T]).outputs[T]
+    snn.reset()
+    looped = sum(snn.step(snn.encode_step(x, t)) for t in range(T))
+    if kind == "if":
+        looped = looped / T
+    assert float(simulated.abs().max()) > 0
+    assert_rel_close(simulated, looped)
+    # forward is the same simulation
+    assert_rel_close(snn(x), simulated)
+
+
+@pytest.mark.parametrize("kind", ["if", "signed"])
+def test_chunk_sizes_give_identical_results(snns, kind: str) -> None:
+    snn = snns[kind]
+    T = 16
+    x = torch.randn(4, 3, 8, 8)
+    results = {c: snn.simulate(x, [T], chunk_size=c) for c in (1, 3, T)}
+    for c in (1, 3):
+        assert_rel_close(results[c].outputs[T], results[T].outputs[T], rel=1e-6)
+        for name, count in results[T].spikes[T].items():
+            torch.testing.assert_close(results[c].spikes[T][name], count, rtol=0, atol=0)
+    assert results[3].steps_simulated == T
+
+
+@pytest.mark.parametrize("kind", ["if", "signed"])
+def test_several_T_in_one_run(snns, kind: str) -> None:
+    snn = snns[kind]
+    x = torch.randn(3, 3, 8, 8)
+    together = snn.simulate(x, [16, 4, 8])
+    assert sorted(together.outputs) == [4, 8, 16]
+    for T in (4, 8, 16):
+        alone = snn.simulate(x, [T])
+        assert_rel_close(together.outputs[T], alone.outputs[T], rel=1e-6)
+        for name, count in alone.spikes[T].items():
+            torch.testing.assert_close(together.spikes[T][name], count, rtol=0, atol=0)
+    # spike counts only grow with T
+    for name in together.spikes[4]:
+        assert (together.spikes[8][name] >= together.spikes[4][name]).all()
+
+
+@pytest.mark.parametrize("layout", ["channels-last on CPU", "NCHW"])
+def test_simulation_layout(layout: str, monkeypatch) -> None:
+    """On CPU the body runs channels-last (oneDNN convolves without reorders): after a simulation the
+    convolution weights and the membranes are channels-last, and the signed network still reproduces its
+    QANN in either layout; where no layout is set for the device, everything stays NCHW."""
+    if layout == "NCHW":
+        monkeypatch.setattr(network, "SIMULATION_MEMORY_FORMAT", {})
+    expected_format = torch.channels_last if layout != "NCHW" else torch.contiguous_format
+    snn = ann2snn.convert(build(2), calibration(2), qbits=3, T=64, neuron="signed")
+    x = torch.randn(5, 3, 8, 8)
+    result = snn.simulate(x, [64], stop_when_quiet=True)
+    assert_rel_close(result.outputs[64], snn.qann(x))
+    convolutions = [m for m in snn.body.modules() if isinstance(m, nn.Conv2d)]
+    assert convolutions and all(m.weight.is_contiguous(memory_format=expected_format) for m in convolutions)
+    membranes = [n.v for n in snn.neurons.values() if n.v.dim() == 4]
+    assert membranes and all(v.is_contiguous(memory_format=expected_format) for v in membranes)
+    assert x.is_contiguous(), "the caller's tensor is left as it was"
+
+
+@pytest.mark.parametrize("qbits, k", [(1, 1), (2, 1), (4, 1), (4, 4), (8, 1), (8, 8)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_signed_snn_equals_qann(qbits: int, k: int, seed: int) -> None:
+    per_channel = seed == 1
+    T = 1200
+    snn = ann2snn.convert(build(seed), calibration(seed), qbits=qbits, T=T, neuron="signed",
+                          per_channel=per_channel, max_spikes_per_step=k, threshold_rule="max" if seed else "mse")
+    x = torch.randn(4, 3, 8, 8)
+    result = snn.simulate(x, [T], stop_when_quiet=True, chunk_size=16)
+    assert int(result.steps_used.max()) < T  # it settled
+    expected = snn.qann(x).detach()
+    assert float(expected.std(0).mean()) > 0.1 * float(expected.abs().mean())  # input-dependent
+    assert_rel_close(result.outputs[T], expected)
+    # every neuron layer was active
+    assert all(float(count.sum()) > 0 for count in result.spikes[T].values())
+
+
+def test_stop_when_quiet_same_output_and_steps_used() -> None:
+    snn = ann2snn.convert(build(2), calibration(2), qbits=3, T=200, neuron="signed")
+    x = torch.randn(5, 3, 8, 8)
+    full = snn.simulate(x, [200])
+    quiet = snn.simulate(x, [50, 200], stop_when_quiet=True)
+    assert_rel_close(quiet.outputs[200], full.outputs[200], rel=1e-6)
+    used = quiet.steps_used
+    assert used.shape == (5,) and (used >= 1).all() and (used <= 200).all()
+    # it stopped early: at most one chunk (default 4 steps) after the last sample went quiet
+    assert int(used.max()) <= quiet.steps_simulated < min(200, int(used.max()) + 4)
+    assert int(used.max()) <= 50
+    assert_rel_close(quiet.outputs[50], full.outputs[200], rel=1e-6)
+    # each sample's output is final after its steps_used steps
+    for i in range(5):
+        alone = snn.simulate(x[i:i + 1], [int(used[i])]).outputs[int(used[i])]
+        assert_rel_close(alone[0], full.outputs[200][i], rel=1e-6)
+
+
+def test_stop_when_quiet_needs_accumulate_coding(snns) -> None:
+    with pytest.raises(ValueError, match="stop_when_quiet"):
+        snns["if"].simulate(torch.randn(1, 3, 8, 8), stop_when_quiet=True)
+
+
+@pytest.mark.parametrize("qbits", [1, 2, 3])
+def test_if_network_with_one_hidden_layer_is_exact_at_T_equal_levels(qbits: int) -> None:
+    # with a constant input current an IF neuron starting at half threshold has fired exactly
+    # floor(T z / theta + 1/2) (clipped to [0, T]) times after T steps: at T = L the QCFS level
+    torch.manual_seed(qbits)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 36, 4)).eval()
+    L = 2 ** qbits - 1
+    snn = ann2snn.convert(model, calibration(), qbits=qbits, T=L, neuron="if", threshold_rule="max")
+    x = torch.randn(6, 3, 8, 8)
+    assert_rel_close(snn(x), snn.qann(x))
+
+
+def test_invalid_arguments(snns) -> None:
+    snn = snns["signed"]
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="time steps"):
+            snn.simulate(torch.randn(1, 3, 8, 8), [bad])
+    with pytest.raises(ValueError, match="coding"):
+        ann2snn.SpikingNetwork(snn.body, 4, "temporal")
+    with pytest.raises(ValueError):
+        ann2snn.convert(build(), calibration(), qbits=2, T=0)

@@ -1,0 +1,198 @@
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from ann2snn import ConversionError, convert, quantize
+from ann2snn.cli.main import main
+from ann2snn.io.data import make_loader, mnist5k, open_dataset, stratified_subset
+from ann2snn.training.finetune import TrainingConfig, accuracy, finetune, fit, quantization_aware, train
+from ann2snn.compiler.quantizer import QCFSQuantizer
+from ann2snn.io.model_loading import load_model, save_checkpoint
+from ann2snn.training.batches import TensorBatches
+
+
+def small_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU6(), nn.AvgPool2d(2),
+        nn.Flatten(), nn.Linear(16 * 7 * 7, 10))
+
+
+@pytest.fixture(scope="module")
+def mnist() -> tuple[TensorBatches, TensorBatches]:
+    """Real digits: 4,000 to train on (shuffled, seeded), 1,000 held out."""
+    data = mnist5k()
+    # The digits come sorted by class: split a seeded permutation.
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
+    images = (data.images[order] * 255).round().to(torch.uint8)
+    labels = torch.tensor(data.targets)[order]
+    normalisation = ([0.13], [0.31])
+    return (TensorBatches(images[:4000], labels[:4000], 100, *normalisation, augment=False, shuffle=True, seed=1),
+            TensorBatches(images[4000:], labels[4000:], 500, *normalisation, augment=False, shuffle=False))
+
+
+@pytest.fixture(scope="module")
+def trained_ann(mnist: tuple[TensorBatches, TensorBatches]) -> nn.Module:
+    torch.manual_seed(0)
+    train_batches, held_out = mnist
+    result = train(small_cnn(), train_batches, TrainingConfig(epochs=2, lr=0.05), progress=False, log=lambda _: None)
+    assert accuracy(result.model, held_out) > 90
+    return result.model
+
+
+def test_quantization_aware_graph_keeps_batchnorm_and_learns_every_threshold(mnist, trained_ann):
+    train_batches, _ = mnist
+    graph = quantization_aware(trained_ann, [next(iter(train_batches))], qbits=3)
+    quantizers = [m for m in graph.modules() if isinstance(m, QCFSQuantizer)]
+    assert len(quantizers) == 2
+    assert all(isinstance(q.theta, nn.Parameter) and q.theta.item() > 0 for q in quantizers)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in graph.modules()) == 2
+
+    graph.train()
+    inputs, labels = next(iter(train_batches))
+    nn.functional.cross_entropy(graph(inputs), labels).backward()
+    assert all(q.theta.grad is not None and q.theta.grad.abs().item() > 0 for q in quantizers)
+    assert graph.get_submodule("0").weight.grad.abs().sum() > 0
+
+
+def test_straight_through_forward_equals_the_quantizer_it_trains():
+    quantizer = QCFSQuantizer(levels=7)
+    quantizer.set_threshold(torch.tensor(2.0), 4)
+    quantizer.theta = nn.Parameter(quantizer.theta.detach().clone())
+    x = torch.randn(4, 3, 8, 8) * 2
+    expected = quantizer.eval()(x)
+    trained = quantizer.train()(x)
+    torch.testing.assert_close(trained, expected, rtol=0, atol=1e-6)
+    trained.sum().backward()
+    assert quantizer.theta.grad is not None
+
+
+def test_finetuning_recovers_what_one_bit_calibration_loses(mnist, trained_ann):
+    train_batches, held_out = mnist
+    calibrated = accuracy(quantize(trained_ann, [next(iter(train_batches))], qbits=1), held_out)
+    result = finetune(trained_ann, train_batches, qbits=1, epochs=2, lr=0.01, progress=False, log=lambda _: None)
+    fine_tuned_qann = quantize(result.model, None, 1, thresholds=result.thresholds)
+    fine_tuned = accuracy(fine_tuned_qann, held_out)
+    assert fine_tuned > calibrated + 1.0, (calibrated, fine_tuned)
+    assert len(result.history) == 2 and result.quantization["qbits"] == 1
+
+    # The SNN reproduces the fine-tuned QANN (signed neurons settle on it exactly).
+    snn = convert(result.model, None, qbits=1, T=24, neuron="signed", thresholds=result.thresholds)
+    inputs, _ = next(iter(held_out))
+    torch.testing.assert_close(snn(inputs[:64]), fine_tuned_qann(inputs[:64]), rtol=1e-4, atol=1e-4)
+    assert snn.config["threshold_rule"] == "fine-tuned"
+
+
+def test_thresholds_that_do_not_fit_the_model_are_refused(mnist, trained_ann):
+    result = finetune(trained_ann, mnist[0], qbits=2, epochs=1, lr=0.001, calibration_batches=1,
+                      config=TrainingConfig(epochs=1, lr=0.001), progress=False, log=lambda _: None)
+    names = sorted(result.thresholds)
+    with pytest.raises(ConversionError, match=f"no threshold for {names[0]}"):
+        quantize(result.model, None, 2, thresholds={names[1]: result.thresholds[names[1]]})
+    with pytest.raises(ConversionError, match="no activation named relu_99"):
+        quantize(result.model, None, 2, thresholds={**result.thresholds, "relu_99": torch.tensor(1.0)})
+    with pytest.raises(ConversionError, match=f"threshold of '{names[0]}' must be finite and positive"):
+        quantize(result.model, None, 2, thresholds={**result.thresholds, names[0]: torch.tensor(-1.0)})
+
+
+class _InterruptAfter:
+    """A loader that stops the run with KeyboardInterrupt after `batches` batches."""
+
+    def __init__(self, loader: TensorBatches, batches: int):
+        self.loader, self.remaining = loader, batches
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+    def __iter__(self):
+        for batch in self.loader:
+            if self.remaining == 0:
+                raise KeyboardInterrupt
+            self.remaining -= 1
+            yield batch
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(mnist, tmp_path):
+    train_batches, _ = mnist
+    config = TrainingConfig(epochs=2, lr=0.05)
+    torch.manual_seed(3)
+    initial = small_cnn()
+    uninterrupted = copy.deepcopy(initial)
+    fit(uninterrupted, train_batches, config, progress=False, log=lambda _: None)
+
+    state = tmp_path / "run.state"
+    interrupted = copy.deepcopy(initial)
+    with pytest.raises(KeyboardInterrupt):
+        fit(interrupted, _InterruptAfter(train_batches, len(train_batches) + 5), config, state_path=state,
+            progress=False, log=lambda _: None)
+    assert state.exists()
+    resumed = copy.deepcopy(initial)
+    messages = []
+    history = fit(resumed, train_batches, config, state_path=state, progress=False, log=messages.append)
+    assert messages[0].startswith(f"resuming from {state} after epoch 1") and len(history) == 2
+    for key, value in uninterrupted.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+    with pytest.raises(ValueError, match="written for training settings"):
+        fit(copy.deepcopy(initial), train_batches, TrainingConfig(epochs=3, lr=0.05), state_path=state,
+            progress=False, log=lambda _: None)
+
+
+def test_training_batches_are_seeded_crops_and_flips_of_each_image_once_per_epoch():
+    images = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8)
+    labels = torch.arange(10)
+    batches = TensorBatches(images, labels, 4, [0.0] * 3, [1 / 255] * 3, augment=True, shuffle=True, seed=5)
+    assert len(batches) == 3
+    epoch0 = list(batches)
+    assert sorted(torch.cat([y for _, y in epoch0]).tolist()) == list(range(10))
+    padded = nn.functional.pad(images, (4, 4, 4, 4)).float()
+    for x, y in epoch0:
+        assert x.shape[1:] == (3, 8, 8)
+        for crop, label in zip(x, y):
+            windows = padded[label].unfold(1, 8, 1).unfold(2, 8, 1).permute(1, 2, 0, 3, 4)
+            candidates = torch.cat([windows, windows.flip(-1)], dim=0).reshape(-1, 3, 8, 8)
+            assert (candidates == crop).all(dim=(1, 2, 3)).any()
+    batches.set_epoch(0)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(epoch0, batches))
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(epoch0, batches))  # epoch 2 differs
+
+
+def test_training_batches_reject_float_images():
+    with pytest.raises(ValueError, match="uint8"):
+        TensorBatches(torch.zeros(2, 3, 4, 4), torch.zeros(2), 1, [0.0], [1.0], augment=False, shuffle=False)
+
+
+@pytest.mark.shared
+def test_convert_command_uses_the_checkpoints_fine_tuned_thresholds(shared, tmp_path, capsys):
+    """The CLI reads thresholds stored with the weights; halving every calibrated threshold makes them
+    distinguishable from what calibration would choose."""
+    loaded = load_model(shared / "models" / "resnet20-cifar10.th")
+    subsets = shared / "data" / "cifar10" / "subsets"
+    transform = loaded.preprocessing.transform()
+    calibration = make_loader(open_dataset(str(subsets / "train-calib-512.txt"), transform=transform), 64)
+    graph = quantization_aware(loaded.model, itertools.islice(calibration, 2), qbits=3)
+    thresholds = {name: 0.5 * q.theta.detach() for name, q in graph.named_modules() if isinstance(q, QCFSQuantizer)}
+    checkpoint = save_checkpoint(loaded.model, tmp_path / "resnet20-q3.pt", "resnet20", loaded.arch_kwargs,
+                                 loaded.preprocessing, quantization={"qbits": 3, "thresholds": thresholds})
+    common = ["--T", "4", "--T-list", "4", "--eval-size", "60", "--calib-size", "32", "--no-progress"]
+
+    assert main(["convert", str(checkpoint), "--out", str(tmp_path / "tuned"), *common]) == 0
+    report = json.loads((tmp_path / "tuned" / "report.json").read_text())
+    assert report["config"]["threshold_rule"] == "fine-tuned" and report["config"]["qbits"] == 3
+    evaluation = stratified_subset(open_dataset(str(subsets / "test-1000.txt"), transform=transform), 60, 0)
+    qann = quantize(loaded.model, None, 3, thresholds=thresholds)
+    assert report["accuracy"]["qann"] == pytest.approx(accuracy(qann, make_loader(evaluation, 60)) / 100)
+
+    assert main(["convert", str(checkpoint), "--qbits", "4", "--out", str(tmp_path / "recalibrated"), *common]) == 0
+    assert "fine-tuned at 3 bits; calibrating new thresholds at 4 bits" in capsys.readouterr().err
+    report = json.loads((tmp_path / "recalibrated" / "report.json").read_text())
+    assert report["config"]["threshold_rule"] != "fine-tuned" and report["config"]["qbits"] == 4
