@@ -1,0 +1,1 @@
+"""The compiler: torch.fx passes from the traced ANN to the spiking graph, run by a pass manager."""

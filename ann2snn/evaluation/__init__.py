@@ -1,0 +1,1 @@
+"""Measuring networks: evaluation, operation and energy counts, analysis, reports, accuracy baselines."""

@@ -24,7 +24,7 @@ _DPI = 200
 Document = dict[str, Any]
 
 
-def _si(value: float | None) -> str:
+def si_prefixed(value: float | None) -> str:
     """1234567 -> '1.23 M'."""
     if value is None:
         return "–"
@@ -53,22 +53,22 @@ def _network_rows(document: Document) -> tuple[list[str], list[list[str]]]:
     ratios = energy.get("ann_over_snn") or {}
     header = ["Network", "T", "Top-1", "Agrees with QANN", "Spikes/img", "MACs/img", "ACs (synops)/img",
               "Energy/img", "ANN/SNN energy"]
-    rows = [["ANN", "–", _percent(accuracy["ann"]), "–", "–", _si(document["ann_macs_per_image"]), "–",
+    rows = [["ANN", "–", _percent(accuracy["ann"]), "–", "–", si_prefixed(document["ann_macs_per_image"]), "–",
              _energy(energy["ann_uj_per_image"]), "1.00" if energy["ann_uj_per_image"] else "–"],
             ["QANN", "–", _percent(accuracy["qann"]), "–", "–", "–", "–", "–", "–"]]
     for T in _T_values(document):
         key = str(T)
         ratio = ratios.get(key)
         rows.append(["SNN", key, _percent(accuracy["snn"][key]), _percent(agreement.get(key)),
-                     _si(document["spikes"]["per_image"][key]), _si(document["snn_macs_per_image"][key]),
-                     _si(document["synops_per_image"][key]), _energy(energy["snn_uj_per_image"][key]),
+                     si_prefixed(document["spikes"]["per_image"][key]), si_prefixed(document["snn_macs_per_image"][key]),
+                     si_prefixed(document["synops_per_image"][key]), _energy(energy["snn_uj_per_image"][key]),
                      "–" if ratio is None else f"{ratio:.2f}"])
     return header, rows
 
 
 def _layer_rows(document: Document) -> tuple[list[str], list[list[str]]]:
     header = ["Layer", "Neurons", "Spikes/img", "Firing rate", "Never fired"]
-    rows = [[layer["name"], str(layer["neurons"]), _si(layer["spikes_per_image"]),
+    rows = [[layer["name"], str(layer["neurons"]), si_prefixed(layer["spikes_per_image"]),
              _percent(layer["firing_rate"]), _percent(layer["never_fired_fraction"], 1)]
             for layer in document["spikes"]["per_layer"]]
     return header, rows

@@ -1,0 +1,1 @@
+"""Other tools' formats: ONNX export and SpikingJelly conversion in both directions."""

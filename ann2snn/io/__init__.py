@@ -1,0 +1,1 @@
+"""Files and data: checkpoints, saved networks, data sets and batches, atomic writes."""

@@ -83,6 +83,6 @@ def test_report_without_an_ann(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("value, text", [(36_957_504, "36.96 M"), (512, "512"), (1.5e9, "1.50 G"), (None, "–")])
 def test_number_formatting(value: float | None, text: str) -> None:
-    from ann2snn.evaluation.report import _si
+    from ann2snn.evaluation.report import si_prefixed
 
-    assert _si(value) == text
+    assert si_prefixed(value) == text

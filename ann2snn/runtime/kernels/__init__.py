@@ -1,0 +1,1 @@
+"""Hand-written and compiled kernels for the neurons' time steps."""
