@@ -7,7 +7,9 @@ from collections.abc import Callable
 from torch import nn
 
 from ann2snn.zoo.cifar_resnet import resnet20, resnet32, resnet44, resnet56
+from ann2snn.zoo.cifar_resnet_b import resnet20_b, resnet32_b, resnet44_b, resnet56_b
 from ann2snn.zoo.mobilenet_v2_cifar import mobilenet_v2_cifar, mobilenet_v2_cifar_s2
+from ann2snn.zoo.shufflenet_v2_cifar import shufflenet_v2_x0_5_cifar, shufflenet_v2_x1_0_cifar
 from ann2snn.zoo.vgg_cifar import vgg11_bn_cifar, vgg16_bn_cifar
 
 __all__ = ["MODELS", "TORCHVISION_PREFIX", "build_model"]
@@ -17,8 +19,14 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet32": resnet32,
     "resnet44": resnet44,
     "resnet56": resnet56,
+    "resnet20_b": resnet20_b,
+    "resnet32_b": resnet32_b,
+    "resnet44_b": resnet44_b,
+    "resnet56_b": resnet56_b,
     "mobilenet_v2_cifar": mobilenet_v2_cifar,
     "mobilenet_v2_cifar_s2": mobilenet_v2_cifar_s2,
+    "shufflenet_v2_x0_5_cifar": shufflenet_v2_x0_5_cifar,
+    "shufflenet_v2_x1_0_cifar": shufflenet_v2_x1_0_cifar,
     "vgg11_bn_cifar": vgg11_bn_cifar,
     "vgg16_bn_cifar": vgg16_bn_cifar,
 }
