@@ -50,7 +50,6 @@ from ann2snn.compiler.observers import THRESHOLD_RULES
 from ann2snn.interop.onnx import FILE_NAMES, FORMATS, write_onnx_files
 from ann2snn.compiler.passes.check_supported import unsupported_reason
 from ann2snn.compiler.passes.emit_neurons import NEURON_KINDS
-from ann2snn.compiler.pass_manager import Pipeline
 from ann2snn.training.pruning import PRUNE_MODES, PruningSummary, prune
 from ann2snn.evaluation.report import summary, write_report
 from ann2snn.runtime.memory import MEBIBYTE, default_memory_limit
@@ -664,7 +663,7 @@ def _becomes(gm: fx.GraphModule, node: fx.Node) -> str:
 def _inspect_command(args: argparse.Namespace) -> int:
     loaded = _load(args, args.checkpoint)
     # The conversion's own front end, except the support check: unsupported nodes are listed, not raised.
-    gm = Pipeline([step for step in prepare_pipeline().passes if step[0] != "check_supported"]).run(loaded.model)
+    gm = prepare_pipeline(check_supported=False).run(loaded.model)
     input_size = loaded.preprocessing.image_size
     try:
         ShapeProp(gm).propagate(torch.zeros(1, *input_size))

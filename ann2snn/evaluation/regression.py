@@ -1,7 +1,8 @@
 """Accuracy-regression baselines: every shipped model is re-converted and re-evaluated on fixed subsets,
 and any accuracy (ANN, QANN, SNN at each T) below its stored baseline minus the tolerance is a failure.
 
-`calibration/baselines.json` holds, per entry, the checkpoint, the conversion settings, the T values and
+`calibration/baselines.json` holds, per entry, the checkpoint, the conversion settings (a `ConversionConfig`
+record, plus whether the checkpoint's fine-tuned thresholds are used), the T values and
 the accuracies (percent) with a tolerance in percentage points; `calibration/manifests.json` holds the
 SHA-256 of each subset list, so that baselines are never compared against a different subset.
 `tools/update_baselines.py` rewrites the baselines after an intended change.
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from ann2snn.compiler.convert import convert
+from ann2snn.config import ConversionConfig
 from ann2snn.io.data import make_loader, open_dataset
 from ann2snn.evaluation.evaluate import evaluate
 from ann2snn.io.model_loading import load_model
@@ -27,6 +29,8 @@ BASELINES_FILE = REPOSITORY / "calibration" / "baselines.json"
 MANIFESTS_FILE = REPOSITORY / "calibration" / "manifests.json"
 BASELINES_FORMAT = "ann2snn-baselines"
 SHARED_PREFIX = "<shared>/"
+# The one key of an entry's "conversion" that is not a setting of `ConversionConfig`.
+FINE_TUNED_KEY = "fine_tuned_thresholds"
 
 
 class ManifestMismatch(RuntimeError):
@@ -58,21 +62,29 @@ def _resolve(checkpoint: str, shared: Path) -> Path:
     return REPOSITORY / checkpoint
 
 
+def baseline_conversion(entry: dict[str, Any]) -> tuple[ConversionConfig, bool]:
+    """The configuration an entry's "conversion" record describes (simulated up to its largest T), and
+    whether it converts with the checkpoint's fine-tuned thresholds instead of calibrating."""
+    record = dict(entry["conversion"])
+    fine_tuned = record.pop(FINE_TUNED_KEY, False)
+    return ConversionConfig.from_dict({**record, "T": max(entry["T_list"])}), fine_tuned
+
+
 def measure(entry: dict[str, Any], shared: Path, subsets: dict[str, Path], batch_size: int = 250) -> dict[str, Any]:
     """Convert and evaluate one baseline entry: {'ann', 'qann', 'snn': {T: accuracy}} in percent."""
     loaded = load_model(_resolve(entry["checkpoint"], shared))
     transform = loaded.preprocessing.transform()
-    conversion = dict(entry["conversion"])
-    fine_tuned = conversion.pop("fine_tuned_thresholds", False)
+    config, fine_tuned = baseline_conversion(entry)
     if fine_tuned:
-        if loaded.quantization is None or loaded.quantization["qbits"] != conversion["qbits"]:
-            raise ValueError(f"{entry['checkpoint']}: has no fine-tuned thresholds at {conversion['qbits']} bits")
+        qbits = config.quantization.qbits
+        if loaded.quantization is None or loaded.quantization["qbits"] != qbits:
+            raise ValueError(f"{entry['checkpoint']}: has no fine-tuned thresholds at {qbits} bits")
         calibration, thresholds = None, loaded.quantization["thresholds"]
     else:
         calibration = make_loader(open_dataset(str(subsets["calibration"]), transform=transform), batch_size)
         thresholds = None
     torch.manual_seed(0)
-    snn = convert(loaded.model, calibration, thresholds=thresholds, T=max(entry["T_list"]), **conversion)
+    snn = convert(loaded.model, calibration, config, thresholds=thresholds)
     evaluation = make_loader(open_dataset(str(subsets["evaluation"]), transform=transform), batch_size)
     report = evaluate(snn, evaluation, entry["T_list"], ann=loaded.model)
     return {"ann": 100 * report.accuracy_ann, "qann": 100 * report.accuracy_qann,

@@ -33,6 +33,7 @@ from ann2snn.compiler.graph_utils import finalize
 from ann2snn.runtime.layers import AddBias, Scale, SpikingMaxPool, TemporalModule
 from ann2snn.runtime.neurons import IFNeuron, SpikingNeuron
 from ann2snn.compiler.passes import balance_thresholds
+from ann2snn.compiler.pass_manager import run_passes
 from ann2snn.runtime.network import SpikingNetwork
 
 
@@ -277,5 +278,5 @@ def from_spikingjelly(net: nn.Module, T: int, example: torch.Tensor | None = Non
             gm.add_submodule(node.target, _torch_layer(module))
     # SpikingJelly scales every spike train back by its threshold: folded into the next weights, the layers
     # receive plain spikes, as in our conversions (the counts of synaptic operations then see events)
-    balanced = balance_thresholds(finalize(gm))
+    balanced = run_passes(finalize(gm), balance_thresholds)
     return SpikingNetwork(balanced, T, "rate", config={"T": T, "neuron": "if", "source": "spikingjelly"})

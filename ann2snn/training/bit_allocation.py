@@ -13,6 +13,7 @@ activations where it reduces the KL most per neuron-bit. Fewer bits also mean fe
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 from collections.abc import Iterable, Mapping
@@ -25,7 +26,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ann2snn.compiler.convert import DEFAULT_THRESHOLD_RULE, quantize
+from ann2snn.compiler.convert import quantize
+from ann2snn.config import QuantizationConfig
 from ann2snn.io.batches import device_of, model_inputs
 from ann2snn.distributed import reduce_over_processes
 from ann2snn.compiler.quantizer import QCFSQuantizer
@@ -137,11 +139,11 @@ def _greedy(sensitivity: dict[str, dict[int, float]], neurons: dict[str, int], p
 def allocate_bits(model: nn.Module, calib_loader: Iterable[Any], budget: float, *,
                   pinned: Mapping[str, int] | None = None, min_bits: int = DEFAULT_MIN_BITS,
                   max_bits: int = DEFAULT_MAX_BITS, probe_images: int = DEFAULT_PROBE_IMAGES,
-                  threshold_rule: str = DEFAULT_THRESHOLD_RULE, percentile: float = 99.99,
-                  per_channel: bool = False) -> BitAllocation:
+                  quantization: QuantizationConfig | None = None) -> BitAllocation:
     """Bits per activation, between `min_bits` and `max_bits`, whose mean per neuron is at most `budget`.
 
-    `calib_loader` calibrates every candidate QANN (as `quantize` does, with the same threshold options);
+    `calib_loader` calibrates every candidate QANN (as `quantize` does, with the threshold settings of
+    `quantization`, whose bits the candidates replace);
     its first `probe_images` images measure the sensitivities. `pinned` fixes some activations' bits
     (activation names, 'first', 'last'; see `ann2snn.compiler.qbits`); they count in the mean."""
     check_qbits(min_bits)
@@ -158,9 +160,9 @@ def allocate_bits(model: nn.Module, calib_loader: Iterable[Any], budget: float, 
     batches = list(model_inputs(calib_loader, device_of(model)))
     if not batches:
         raise ValueError("the calibration loader yielded no batches")
-    options = {"threshold_rule": threshold_rule, "percentile": percentile, "per_channel": per_channel}
+    quantization = quantization or QuantizationConfig()
     candidates = range(min_bits, max_bits + 1)
-    qanns = {bits: quantize(model, batches, bits, **options) for bits in candidates}
+    qanns = {bits: quantize(model, batches, dataclasses.replace(quantization, qbits=bits)) for bits in candidates}
     probe_qann = copy.deepcopy(qanns[max_bits])
     pinned_bits = assigned_bits(probe_qann, pinned) if pinned else {}
     probe = _probe(batches, probe_images)

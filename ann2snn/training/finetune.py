@@ -27,11 +27,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ann2snn.compiler.convert import DEFAULT_THRESHOLD_RULE, prepare_pipeline
+from ann2snn.compiler.convert import prepare_pipeline
+from ann2snn.compiler.qbits import QBits
+from ann2snn.config import QUANTIZATION_KEYS, QuantizationConfig, quantization_config
 from ann2snn.io.batches import batch_input, batch_labels, device_of
 from ann2snn.compiler.quantizer import QCFSQuantizer
 from ann2snn.compiler.passes import calibrate_thresholds, insert_quantizers
-from ann2snn.compiler.pass_manager import Pipeline
+from ann2snn.compiler.pass_manager import PassManager
 from ann2snn.io.atomic import atomic_write
 
 # Enough calibration batches to start the thresholds near their optimum; fine-tuning does the rest.
@@ -75,23 +77,24 @@ class Trained:
         return {"qbits": self.qbits, "thresholds": {name: theta.cpu() for name, theta in self.thresholds.items()}}
 
 
-def quantization_aware(model: nn.Module, calib_batches: Iterable[Any], qbits: int, *,
-                       threshold_rule: str = DEFAULT_THRESHOLD_RULE, per_channel: bool = False) -> fx.GraphModule:
+def quantization_aware(model: nn.Module, calib_batches: Iterable[Any],
+                       quantization: QuantizationConfig | QBits | None = None, **settings: Any) -> fx.GraphModule:
     """The model as a trainable graph whose activations are QCFS quantizers with learnable thresholds,
-    initialised by calibration on `calib_batches`."""
+    initialised by calibration on `calib_batches` as `quantization` (a `QuantizationConfig`, or the bits;
+    keyword `settings` qbits, threshold_rule, percentile, per_channel build or change it) says."""
+    quantization = quantization_config(quantization, **settings)
     batches = iter(calib_batches)
     first = next(batches, None)
     if first is None:
         raise ValueError("the calibration loader yielded no batches")
     example = batch_input(first)[:1].to(device_of(model))
-    # prepare_pipeline minus BatchNorm folding (BatchNorm keeps training) and the support check (the
-    # conversion runs it on the folded graph).
-    passes = [(name, run) for name, run in prepare_pipeline(example).passes
-              if name not in ("fold_batchnorm", "check_supported")]
-    graph = Pipeline(passes + [
-        ("insert_quantizers", partial(insert_quantizers, qbits=qbits, per_channel=per_channel)),
+    # BatchNorm keeps training; the conversion checks support on the folded graph
+    front_end = prepare_pipeline(example, fold_batchnorm=False, check_supported=False)
+    graph = PassManager(front_end.passes + [
+        ("insert_quantizers", partial(insert_quantizers, qbits=quantization.qbits,
+                                      per_channel=quantization.per_channel)),
         ("calibrate_thresholds", partial(calibrate_thresholds, batches=itertools.chain([first], batches),
-                                         rule=threshold_rule)),
+                                         rule=quantization.threshold_rule, percentile=quantization.percentile)),
     ]).run(copy.deepcopy(model).eval())
     for quantizer in _quantizers(graph).values():
         quantizer.theta = nn.Parameter(quantizer.theta.detach().clone())
@@ -224,19 +227,22 @@ def train(model: nn.Module, train_loader: Iterable[Any], config: TrainingConfig,
     return Trained(trained.eval(), None, None, history)
 
 
-def finetune(model: nn.Module, train_loader: Iterable[Any], *, qbits: int = 4, epochs: int = 5, lr: float = 0.01,
-             calib_loader: Iterable[Any] | None = None, calibration_batches: int = DEFAULT_CALIBRATION_BATCHES,
-             threshold_rule: str = DEFAULT_THRESHOLD_RULE, per_channel: bool = False,
-             config: TrainingConfig | None = None, **fit_options: Any) -> Trained:
+def finetune(model: nn.Module, train_loader: Iterable[Any], quantization: QuantizationConfig | QBits | None = None, *,
+             epochs: int = 5, lr: float = 0.01, calib_loader: Iterable[Any] | None = None,
+             calibration_batches: int = DEFAULT_CALIBRATION_BATCHES, config: TrainingConfig | None = None,
+             **options: Any) -> Trained:
     """Quantization-aware fine-tuning: the model trains with QCFS quantizers of 2**qbits - 1 levels in place
     and learnable thresholds, initialised from `calibration_batches` batches of `calib_loader` (default
-    `train_loader`). Convert the result with `convert(result.model, loader, qbits=qbits,
-    thresholds=result.thresholds)`, or save it with `model_loading.save_checkpoint(...,
-    quantization=result.quantization)` for `ann2snn convert`. `fit_options` go to `fit`."""
+    `train_loader`) as `quantization` says (a `QuantizationConfig` or the bits; default 4 bits, and
+    `options` qbits, threshold_rule, percentile and per_channel build or change it). Convert the result with
+    `convert(result.model, loader, qbits=qbits, thresholds=result.thresholds)`, or save it with
+    `model_loading.save_checkpoint(..., quantization=result.quantization)` for `ann2snn convert`. The other
+    `options` go to `fit`."""
+    quantization = quantization_config(quantization, **{key: options.pop(key) for key in QUANTIZATION_KEYS
+                                                          if key in options})
     config = config or TrainingConfig(epochs=epochs, lr=lr)
     calibration = itertools.islice(calib_loader if calib_loader is not None else train_loader, calibration_batches)
-    graph = quantization_aware(model, calibration, qbits, threshold_rule=threshold_rule, per_channel=per_channel)
-    history = fit(graph, train_loader, config, **fit_options)
+    graph = quantization_aware(model, calibration, quantization)
+    history = fit(graph, train_loader, config, **options)
     thresholds = {name: quantizer.theta.detach().clone() for name, quantizer in _quantizers(graph).items()}
-    return Trained(_trained_weights(model, graph), qbits, thresholds, history)
-
+    return Trained(_trained_weights(model, graph), quantization.qbits, thresholds, history)

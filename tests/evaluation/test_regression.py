@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from ann2snn.evaluation.regression import BASELINES_FILE, MANIFESTS_FILE, ManifestMismatch, check_manifests, compare, format_table, load_baselines, measure
-
-pytestmark = [pytest.mark.shared, pytest.mark.slow]
+from ann2snn.config import ConversionConfig
+from ann2snn.evaluation.regression import (BASELINES_FILE, MANIFESTS_FILE, ManifestMismatch, baseline_conversion,
+                                           check_manifests, compare, format_table, load_baselines, measure)
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +29,33 @@ def test_every_shipped_model_has_a_baseline(baselines):
     assert shipped and shipped <= checkpoints, f"shipped checkpoints without a baseline: {shipped - checkpoints}"
 
 
+def test_entries_read_as_conversion_configs(baselines):
+    """The entries as they are: each "conversion" record is a ConversionConfig's, at the entry's largest T."""
+    for name, entry in baselines["models"].items():
+        config, fine_tuned = baseline_conversion(entry)
+        assert config.simulation.T == max(entry["T_list"]), name
+        assert fine_tuned == entry["conversion"].get("fine_tuned_thresholds", False), name
+        record = config.to_dict()
+        assert {key: record[key] for key in entry["conversion"] if key != "fine_tuned_thresholds"} == \
+            {key: value for key, value in entry["conversion"].items() if key != "fine_tuned_thresholds"}, name
+    signed = next(entry for entry in baselines["models"].values() if entry["conversion"]["neuron"] == "signed")
+    assert baseline_conversion(signed)[0] == ConversionConfig.from_dict(
+        {"qbits": signed["conversion"]["qbits"], "neuron": "signed", "T": max(signed["T_list"]),
+         "max_spikes_per_step": signed["conversion"]["max_spikes_per_step"]})
+    with pytest.raises(ValueError, match="unknown conversion setting 'bursts'"):
+        baseline_conversion({"conversion": {"bursts": 2}, "T_list": [4]})
+
+
+@pytest.mark.shared
+@pytest.mark.slow
 def test_no_accuracy_dropped_below_its_baseline(baselines, measured):
     rows = compare(baselines, measured)
     print("\n" + format_table(rows))
     assert all(row.passed for row in rows), "accuracy regression:\n" + format_table(rows)
 
 
+@pytest.mark.shared
+@pytest.mark.slow
 def test_a_baseline_raised_above_reality_fails(baselines, measured):
     name = next(iter(baselines["models"]))
     raised = copy.deepcopy(baselines)
@@ -47,11 +68,15 @@ def test_a_baseline_raised_above_reality_fails(baselines, measured):
     assert "FAIL" in format_table(rows)
 
 
+@pytest.mark.shared
+@pytest.mark.slow
 def test_an_entry_that_was_not_measured_fails(baselines, measured):
     rows = compare(baselines, {name: value for name, value in measured.items() if name != next(iter(measured))})
     assert not all(row.passed for row in rows)
 
 
+@pytest.mark.shared
+@pytest.mark.slow
 def test_a_changed_subset_list_is_refused(shared, tmp_path):
     manifests = json.loads(MANIFESTS_FILE.read_text())
     manifests["subsets"]["evaluation"]["sha256"] = "0" * 64

@@ -196,3 +196,25 @@ def test_convert_command_uses_the_checkpoints_fine_tuned_thresholds(shared, tmp_
     assert "fine-tuned at 3 bits; calibrating new thresholds at 4 bits" in capsys.readouterr().err
     report = json.loads((tmp_path / "recalibrated" / "report.json").read_text())
     assert report["config"]["threshold_rule"] != "fine-tuned" and report["config"]["qbits"] == 4
+
+
+def test_finetune_calibrates_at_the_percentile_it_is_given():
+    """threshold_rule="percentile" used to start fine-tuning at the 99.99th percentile whatever percentile
+    was asked for. With a learning rate too small to move them, the thresholds fine-tuning returns are the
+    initial ones: those of a calibration at the percentile given, which a heavy-tailed input tells apart."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10)).eval()
+    generator = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(32, 1, 8, 8, generator=generator) ** 3, torch.randint(0, 10, (32,), generator=generator))
+               for _ in range(4)]
+    calibrated = {percentile: {name: m.theta for name, m in
+                               quantize(model, batches, qbits=4, threshold_rule="percentile",
+                                        percentile=percentile).named_modules() if isinstance(m, QCFSQuantizer)}
+                  for percentile in (99.9, 99.99)}
+    assert not torch.allclose(calibrated[99.9]["1"], calibrated[99.99]["1"], rtol=0.05)
+
+    result = finetune(model, batches, qbits=4, threshold_rule="percentile", percentile=99.9, epochs=1, lr=1e-12,
+                      calibration_batches=len(batches), progress=False, log=lambda _: None)
+    assert result.thresholds.keys() == calibrated[99.9].keys()
+    for name, theta in result.thresholds.items():
+        torch.testing.assert_close(theta, calibrated[99.9][name])

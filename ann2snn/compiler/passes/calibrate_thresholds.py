@@ -13,7 +13,6 @@ from ann2snn.io.batches import device_of, model_inputs
 from ann2snn.compiler.observers import all_reduce_observers
 from ann2snn.distributed import require_on_every_process
 from ann2snn.errors import ConversionError
-from ann2snn.compiler.graph_utils import finalize
 from ann2snn.compiler.quantizer import QCFSQuantizer
 from ann2snn.compiler.observers import HistogramObserver
 
@@ -46,4 +45,4 @@ def calibrate_thresholds(gm: fx.GraphModule, batches: Iterable[Any], rule: str =
                 raise ConversionError(f"activation '{name}' was never reached by the calibration data")
             quantizer.set_threshold(quantizer.observer.threshold(rule, quantizer.levels, percentile),
                                     quantizer.observer.ndim)
-    return finalize(gm)
+    return gm

@@ -16,7 +16,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ann2snn.errors import ConversionError, describe_node
-from ann2snn.compiler.graph_utils import finalize
 from ann2snn.compiler.ops import AVG_POOLS, MAX_POOLS, WEIGHTED
 from ann2snn.runtime.layers import ChannelAffine
 from ann2snn.compiler.quantizer import ClippedReLU, QCFSQuantizer
@@ -109,4 +108,4 @@ def check_supported(gm: fx.GraphModule) -> fx.GraphModule:
         raise ConversionError(
             f"{len(problems)} node(s) cannot be converted to a spiking network:\n" + "\n".join(problems)
             + "\nReplace these ops (e.g. SiLU/GELU/Hardswish by ReLU or ReLU6) and retrain or fine-tune.")
-    return finalize(gm)
+    return gm

@@ -16,7 +16,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ann2snn.compiler.graph_utils import finalize, free_name, insert_module_after, is_module, is_number, replace_with_module
+from ann2snn.compiler.graph_utils import free_name, insert_module_after, is_module, is_number, replace_with_module
 from ann2snn.compiler.passes.check_supported import is_shape_value
 from ann2snn.compiler.ops import MAX_POOLS, WEIGHTED
 from ann2snn.runtime.layers import AddBias, ChannelAffine, Scale, SpikingMaxPool
@@ -123,4 +123,4 @@ def emit_neurons(gm: fx.GraphModule, neuron: str = "if", max_spikes_per_step: in
             tensor, constant = offset
             replace_with_module(gm, node, free_name(gm, f"{node.name}_offset"),
                                 AddBias(torch.tensor([constant]), once, 1), (tensor,))
-    return finalize(gm)
+    return gm

@@ -10,7 +10,7 @@ import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from ann2snn.errors import ConversionError, describe_node
-from ann2snn.compiler.graph_utils import call_sites, finalize, is_module, replace_with_module
+from ann2snn.compiler.graph_utils import call_sites, is_module, replace_with_module
 from ann2snn.compiler.ops import BATCHNORMS, CONVS
 from ann2snn.runtime.layers import ChannelAffine
 
@@ -56,4 +56,4 @@ def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
             1.0 / (bn.running_var + bn.eps).sqrt()
         shift = (bn.bias.detach() if bn.affine else 0.0) - bn.running_mean * scale
         replace_with_module(gm, node, node.target, ChannelAffine(scale, shift), node.args[:1])
-    return finalize(gm)
+    return gm

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ann2snn.compiler.graph_utils import finalize, is_module
+from ann2snn.compiler.graph_utils import is_module
 from ann2snn.compiler.qbits import QBits, activation_bits, activation_nodes, check_qbits
 from ann2snn.compiler.quantizer import ClippedReLU, QCFSQuantizer
 
@@ -16,6 +16,6 @@ def insert_quantizers(gm: fx.GraphModule, qbits: QBits = 4, per_channel: bool = 
         if is_module(gm, node, ClippedReLU):
             upper = gm.get_submodule(node.target).upper
             gm.add_submodule(node.target, QCFSQuantizer(check_qbits(bits[node.target]), upper, per_channel))
-    return finalize(gm)
+    return gm
 
 

@@ -15,7 +15,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ann2snn.compiler.graph_utils import call_sites, finalize, free_name, is_number, replace_with_module
+from ann2snn.compiler.graph_utils import call_sites, free_name, is_number, replace_with_module
 from ann2snn.compiler.quantizer import ClippedReLU
 
 _NO_UPPER: Any = object()
@@ -103,4 +103,4 @@ def normalize_activations(gm: fx.GraphModule) -> fx.GraphModule:
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is operator.iadd:
             node.target = operator.add
-    return finalize(gm)
+    return gm

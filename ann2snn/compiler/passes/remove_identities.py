@@ -6,7 +6,6 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ann2snn.compiler.graph_utils import finalize
 
 IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                     nn.FeatureAlphaDropout)
@@ -28,4 +27,4 @@ def remove_identities(gm: fx.GraphModule) -> fx.GraphModule:
         if _is_identity(gm, node):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
-    return finalize(gm)
+    return gm

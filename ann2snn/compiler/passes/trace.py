@@ -9,7 +9,6 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ann2snn.errors import ConversionError, innermost_user_frame
-from ann2snn.compiler.graph_utils import finalize
 from ann2snn.runtime.layers import ChannelAffine, Scale, TemporalModule
 from ann2snn.compiler.quantizer import ClippedReLU, QCFSQuantizer
 
@@ -60,14 +59,14 @@ def _mutates_first_argument(root: nn.Module, node: fx.Node) -> bool:
     return False
 
 
-def make_functional(gm: fx.GraphModule) -> None:
+def make_functional(graph: fx.Graph, root: nn.Module) -> None:
     """An in-place op (`x.relu_()`, `nn.ReLU(inplace=True)`, `F.relu(x, inplace=True)`) changes its
     input for every later reader; make those readers read the op's result instead, so the dataflow
     graph says what the eager model computes (and a bare `x.relu_()` statement is not dead code)."""
-    order = {node: index for index, node in enumerate(gm.graph.nodes)}
-    for node in gm.graph.nodes:
+    order = {node: index for index, node in enumerate(graph.nodes)}
+    for node in graph.nodes:
         mutated = node.args[0] if node.args else None
-        if not isinstance(mutated, fx.Node) or not _mutates_first_argument(gm, node):
+        if not isinstance(mutated, fx.Node) or not _mutates_first_argument(root, node):
             continue
         for reader in list(mutated.users):
             if reader is not node and order[reader] > order[node]:
@@ -89,9 +88,10 @@ def trace(model: nn.Module, leaf_types: tuple[type, ...] = LEAF_TYPES,
             "Data-dependent control flow (if/for on tensor values) cannot be converted; rewrite it "
             "without branching on tensor values or make that module a leaf."
         ) from error
+    # before the GraphModule exists, so that the code it generates already reads the rewired dataflow
+    make_functional(graph, tracer.root)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    make_functional(gm)
     if example_input is not None:
         with torch.no_grad():
             ShapeProp(gm).propagate(example_input)
-    return finalize(gm)
+    return gm

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import importlib
 import operator
+from functools import partial
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from ann2snn.runtime.neurons import SpikingNeuron
 from ann2snn.compiler.passes import balance_thresholds, emit_neurons
 from ann2snn.compiler.passes.emit_neurons import coding_of
 from ann2snn.runtime.network import SpikingNetwork
+from ann2snn.compiler.pass_manager import run_passes
 
 
 class ResNetLike(nn.Module):
@@ -76,10 +78,10 @@ def is_weighted(gm, node) -> bool:
 @pytest.mark.parametrize("kind", ["if", "signed"])
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_scales_fold_into_weights_except_on_the_residual(qanns, kind: str, per_channel: bool) -> None:
-    emitted = emit_neurons(copy.deepcopy(qanns[per_channel]), neuron=kind)
+    emitted = run_passes(copy.deepcopy(qanns[per_channel]), partial(emit_neurons, neuron=kind))
     before = scale_nodes(emitted)
     assert len(before) == 6 and any(is_weighted(emitted, next(iter(n.users))) for n in before)
-    balanced = balance_thresholds(copy.deepcopy(emitted))
+    balanced = run_passes(copy.deepcopy(emitted), balance_thresholds)
 
     remaining = scale_nodes(balanced)
     for node in remaining:
@@ -112,7 +114,7 @@ def test_scales_fold_into_weights_except_on_the_residual(qanns, kind: str, per_c
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_folded_weights_carry_the_spike_value(qanns, per_channel: bool) -> None:
     qann = qanns[per_channel]
-    balanced = balance_thresholds(emit_neurons(copy.deepcopy(qann), neuron="signed"))
+    balanced = run_passes(copy.deepcopy(qann), partial(emit_neurons, neuron="signed"), balance_thresholds)
     # conv_a reads the stem neuron: its weights are scaled by the step theta/L of the input channel
     step = (qann.get_submodule("relu").theta / qann.get_submodule("relu").levels).reshape(-1)
     expected = qann.get_submodule("conv_a").weight * (step.reshape(1, -1, 1, 1) if per_channel else step)
@@ -126,15 +128,15 @@ def test_folded_weights_carry_the_spike_value(qanns, per_channel: bool) -> None:
 
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_balanced_add_divides_the_layer_and_the_neuron_thresholds(qanns, per_channel: bool, monkeypatch) -> None:
-    emitted = emit_neurons(copy.deepcopy(qanns[per_channel]), neuron="if")
-    balanced = balance_thresholds(copy.deepcopy(emitted))
+    emitted = run_passes(copy.deepcopy(qanns[per_channel]), partial(emit_neurons, neuron="if"))
+    balanced = run_passes(copy.deepcopy(emitted), balance_thresholds)
     shortcut = next(n for n in emitted.graph.nodes if n.target is operator.add).args[1]
     factor = emitted.get_submodule(shortcut.target).factor
     channel = factor.reshape(-1, 1, 1, 1) if per_channel else factor
     # conv_b: its input Scale folded per input channel (as without add balancing), then divided by the
     # shortcut's factor per output channel
     monkeypatch.setattr(balance_module, "_balanced_add", lambda *args: False)
-    unbalanced_add = balance_thresholds(copy.deepcopy(emitted))
+    unbalanced_add = run_passes(copy.deepcopy(emitted), balance_thresholds)
     torch.testing.assert_close(balanced.get_submodule("conv_b").weight,
                                unbalanced_add.get_submodule("conv_b").weight / channel, rtol=1e-6, atol=0)
     torch.testing.assert_close(balanced.get_submodule("conv_b").bias,
@@ -146,8 +148,8 @@ def test_balanced_add_divides_the_layer_and_the_neuron_thresholds(qanns, per_cha
 @pytest.mark.parametrize("kind", ["if", "lif", "signed"])
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_balanced_simulation_equals_unbalanced(qanns, kind: str, per_channel: bool) -> None:
-    emitted = emit_neurons(copy.deepcopy(qanns[per_channel]), neuron=kind)
-    balanced = balance_thresholds(copy.deepcopy(emitted))
+    emitted = run_passes(copy.deepcopy(qanns[per_channel]), partial(emit_neurons, neuron=kind))
+    balanced = run_passes(copy.deepcopy(emitted), balance_thresholds)
     T = 24 if kind == "if" else 40
     x = torch.randn(4, 3, 8, 8)
     plain = SpikingNetwork(emitted, T, coding_of(kind)).simulate(x, [8, T])
@@ -162,10 +164,10 @@ def test_balanced_simulation_equals_unbalanced(qanns, kind: str, per_channel: bo
 
 
 def test_balancing_is_idempotent(qanns) -> None:
-    balanced = balance_thresholds(emit_neurons(copy.deepcopy(qanns[False]), neuron="if"))
+    balanced = run_passes(copy.deepcopy(qanns[False]), partial(emit_neurons, neuron="if"), balance_thresholds)
     structure = [(n.op, n.target) for n in balanced.graph.nodes]
     weights = {k: v.clone() for k, v in balanced.state_dict().items()}
-    again = balance_thresholds(balanced)
+    again = run_passes(balanced, balance_thresholds)
     assert [(n.op, n.target) for n in again.graph.nodes] == structure
     for k, v in again.state_dict().items():
         torch.testing.assert_close(v, weights[k], rtol=0, atol=0)
@@ -190,8 +192,8 @@ class Branching(nn.Module):
 def test_shared_scale_is_split_per_user() -> None:
     torch.manual_seed(0)
     qann = ann2snn.quantize(Branching().eval(), calibration(), 3)
-    emitted = emit_neurons(copy.deepcopy(qann), neuron="signed")
-    balanced = balance_thresholds(copy.deepcopy(emitted))
+    emitted = run_passes(copy.deepcopy(qann), partial(emit_neurons, neuron="signed"))
+    balanced = run_passes(copy.deepcopy(emitted), balance_thresholds)
     stem_neuron = next(n for n in balanced.graph.nodes if n.target == "relu")
     users = {u.target if u.op == "call_module" else u.name for u in stem_neuron.users}
     # left and right read integer spikes; only the concatenation keeps a Scale
@@ -225,8 +227,8 @@ def test_per_channel_scale_before_linear_on_3d_activation(channels: int) -> None
     torch.manual_seed(0)
     calib = [torch.randn(8, 3, 6) for _ in range(2)]
     qann = ann2snn.quantize(TokenMix(channels).eval(), calib, 2, per_channel=True)
-    emitted = emit_neurons(copy.deepcopy(qann), neuron="signed")
-    balanced = balance_thresholds(copy.deepcopy(emitted))
+    emitted = run_passes(copy.deepcopy(qann), partial(emit_neurons, neuron="signed"))
+    balanced = run_passes(copy.deepcopy(emitted), balance_thresholds)
     x = torch.randn(4, 3, 6)
     plain = SpikingNetwork(emitted, 48, "accumulate")(x)
     torch.testing.assert_close(plain, qann(x).detach(), rtol=1e-5, atol=1e-5)  # the emitted graph is right
@@ -241,7 +243,7 @@ def test_add_with_a_vanishing_channel_factor_is_not_balanced() -> None:
     shortcut_quantizer = qann.get_submodule("relu")
     with torch.no_grad():
         shortcut_quantizer.theta[0, 1] = torch.finfo(torch.float32).tiny
-    balanced = balance_thresholds(emit_neurons(copy.deepcopy(qann), neuron="if"))
+    balanced = run_passes(copy.deepcopy(qann), partial(emit_neurons, neuron="if"), balance_thresholds)
     add = next(n for n in balanced.graph.nodes if n.target is operator.add)
     assert isinstance(balanced.get_submodule(add.args[1].target), Scale)
     assert torch.isfinite(balanced.get_submodule("conv_b").weight).all()

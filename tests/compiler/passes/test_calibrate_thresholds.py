@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from torch import nn
 import ann2snn
 from ann2snn.compiler.quantizer import QCFSQuantizer
 from ann2snn.compiler.passes import calibrate_thresholds, insert_quantizers, normalize_activations, observing, trace
+from ann2snn.compiler.pass_manager import run_passes
 
 BINS = 2048
 
@@ -163,11 +165,11 @@ def test_loader_batch_formats_are_equivalent(model_and_acts) -> None:
 
 
 def _uncalibrated(qbits: int = 2):
-    return insert_quantizers(normalize_activations(trace(CalibNet().eval())), qbits=qbits)
+    return run_passes(CalibNet().eval(), trace, normalize_activations, partial(insert_quantizers, qbits=qbits))
 
 
 def test_calibration_sets_every_quantizer_and_leaves_no_observer() -> None:
-    gm = calibrate_thresholds(_uncalibrated(), calibration_data(1), rule="mse")
+    gm = run_passes(_uncalibrated(), partial(calibrate_thresholds, batches=calibration_data(1), rule="mse"))
     quantizers = [m for m in gm.modules() if isinstance(m, QCFSQuantizer)]
     assert len(quantizers) == 3
     assert all(q.calibrated and q.observer is None for q in quantizers)

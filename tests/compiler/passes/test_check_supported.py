@@ -10,11 +10,12 @@ from torch import nn
 
 from ann2snn import ConversionError
 from ann2snn.compiler.passes import check_supported, fold_batchnorm, normalize_activations, remove_identities, trace
+from ann2snn.compiler.pass_manager import run_passes
 
 
 def prepared(model: nn.Module):
     """The graph check_supported sees in the pipeline."""
-    return fold_batchnorm(remove_identities(normalize_activations(trace(model.eval()))))
+    return run_passes(model.eval(), trace, normalize_activations, remove_identities, fold_batchnorm)
 
 
 class Unsupported(nn.Module):
@@ -86,7 +87,7 @@ def test_supported_model_passes_unchanged() -> None:
     model = Supported().eval()
     gm = prepared(model)
     before = [(n.op, n.target, n.args) for n in gm.graph.nodes]
-    checked = check_supported(gm)
+    checked = run_passes(gm, check_supported)
     assert [(n.op, n.target, n.args) for n in checked.graph.nodes] == before
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(checked(x), model(x), rtol=1e-5, atol=1e-5)

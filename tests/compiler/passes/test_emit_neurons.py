@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import operator
+from functools import partial
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from ann2snn.compiler.quantizer import QCFSQuantizer
 from ann2snn.runtime.neurons import IFNeuron, SignedNeuron, SpikingNeuron
 from ann2snn.compiler.passes import emit_neurons, insert_quantizers, normalize_activations, trace
 from ann2snn.runtime.network import SpikingNetwork
+from ann2snn.compiler.pass_manager import run_passes
 from tests.helpers import randomize_bn
 
 
@@ -63,7 +65,7 @@ def test_quantizers_become_neuron_and_scale(qanns, kind: str, per_channel: bool)
     qann = qanns[per_channel]
     quantizers = {n.target: qann.get_submodule(n.target) for n in modules_of(qann, QCFSQuantizer)}
     assert len(quantizers) == 3
-    gm = emit_neurons(copy.deepcopy(qann), neuron=kind)
+    gm = run_passes(copy.deepcopy(qann), partial(emit_neurons, neuron=kind))
 
     assert not modules_of(gm, QCFSQuantizer)
     neurons = modules_of(gm, SpikingNeuron)
@@ -95,7 +97,7 @@ def test_biases_become_add_bias_with_accumulate_coding(qanns) -> None:
     biased = _biases(qann)
     # conv2 (bias=False) feeds an add, so the BN is not folded into it and it stays bias-free
     assert sorted(k for k, b in biased.items() if b is not None) == ["bn", "conv1", "conv3", "fc1", "fc2"]
-    gm = emit_neurons(copy.deepcopy(qann), neuron="signed")
+    gm = run_passes(copy.deepcopy(qann), partial(emit_neurons, neuron="signed"))
     assert all(bias is None for bias in _biases(gm).values())
     for node in modules_of(gm, WEIGHTED + (ChannelAffine,)):
         layer = gm.get_submodule(node.target)
@@ -114,7 +116,7 @@ def test_biases_become_add_bias_with_accumulate_coding(qanns) -> None:
 def test_biases_stay_in_their_layers_with_rate_coding(qanns, kind: str) -> None:
     # a bias is a current at every step: the layer's kernel adds it, no extra pass over the activation
     qann = qanns[False]
-    gm = emit_neurons(copy.deepcopy(qann), neuron=kind)
+    gm = run_passes(copy.deepcopy(qann), partial(emit_neurons, neuron=kind))
     assert not modules_of(gm, AddBias)
     for name, bias in _biases(qann).items():
         kept = _biases(gm)[name]
@@ -124,7 +126,7 @@ def test_biases_stay_in_their_layers_with_rate_coding(qanns, kind: str) -> None:
 
 
 def test_max_pools_become_spiking_max_pools(qanns) -> None:
-    gm = emit_neurons(copy.deepcopy(qanns[False]), neuron="signed")
+    gm = run_passes(copy.deepcopy(qanns[False]), partial(emit_neurons, neuron="signed"))
     pools = modules_of(gm, SpikingMaxPool)
     assert len(pools) == 2
     assert not [n for n in gm.graph.nodes if n.target is F.max_pool2d]
@@ -144,7 +146,7 @@ def test_max_pools_become_spiking_max_pools(qanns) -> None:
 
 
 def test_uncalibrated_quantizer_is_rejected() -> None:
-    gm = insert_quantizers(normalize_activations(trace(Net().eval())), qbits=2)
+    gm = run_passes(Net().eval(), trace, normalize_activations, partial(insert_quantizers, qbits=2))
     with pytest.raises(ValueError, match="no threshold"):
         emit_neurons(gm, neuron="if")
     with pytest.raises(ValueError, match="unknown neuron"):
@@ -154,7 +156,7 @@ def test_uncalibrated_quantizer_is_rejected() -> None:
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_emitted_signed_network_reproduces_the_qann(qanns, per_channel: bool) -> None:
     qann = qanns[per_channel]
-    snn = SpikingNetwork(emit_neurons(copy.deepcopy(qann), neuron="signed"), 64, "accumulate")
+    snn = SpikingNetwork(run_passes(copy.deepcopy(qann), partial(emit_neurons, neuron="signed")), 64, "accumulate")
     x = torch.randn(5, 3, 8, 8)
     result = snn.simulate(x, [64], stop_when_quiet=True)
     assert int(result.steps_used.max()) < 64
@@ -181,7 +183,7 @@ class SharedConv(nn.Module):
 def test_shared_conv_keeps_its_bias_at_every_call_site() -> None:
     torch.manual_seed(0)
     qann = ann2snn.quantize(SharedConv().eval(), calibration(), 2)
-    gm = emit_neurons(copy.deepcopy(qann), neuron="signed")
+    gm = run_passes(copy.deepcopy(qann), partial(emit_neurons, neuron="signed"))
     conv_nodes = [n for n in gm.graph.nodes if n.target == "conv"]
     assert len(conv_nodes) == 2
     for node in conv_nodes:
@@ -217,7 +219,7 @@ def test_constant_add_becomes_a_bias_injection(neuron: str, once: bool) -> None:
     # x + 0.5 is a constant current: injected like a bias, once for accumulate coding
     torch.manual_seed(0)
     qann = ann2snn.quantize(ConstantCurrent().eval(), calibration(), 2)
-    gm = emit_neurons(copy.deepcopy(qann), neuron=neuron)
+    gm = run_passes(copy.deepcopy(qann), partial(emit_neurons, neuron=neuron))
     assert not any(n.target is operator.add for n in gm.graph.nodes)
     offset = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target.endswith("_offset"))
     injection = gm.get_submodule(offset.target)

@@ -1,6 +1,8 @@
 """Pass 4 (fold_batchnorm): BN folds into conv/linear; otherwise it becomes a ChannelAffine."""
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from torch import nn
@@ -8,6 +10,7 @@ from torch import nn
 from ann2snn import ConversionError
 from ann2snn.runtime.layers import ChannelAffine
 from ann2snn.compiler.passes import fold_batchnorm, trace
+from ann2snn.compiler.pass_manager import run_passes
 import functools
 
 from tests.helpers import randomize_bn
@@ -51,7 +54,7 @@ class ConvChain(nn.Module):
 
 def test_bn_folds_into_conv_grouped_depthwise_and_linear() -> None:
     model = randomize_bn_wide(ConvChain()).eval()
-    gm = fold_batchnorm(trace(model, example_input=torch.randn(1, 3, 4, 4)))
+    gm = run_passes(model, partial(trace, example_input=torch.randn(1, 3, 4, 4)), fold_batchnorm)
 
     assert not any(isinstance(m, BATCHNORMS + (ChannelAffine,)) for m in gm.modules())
     modules = [type(gm.get_submodule(n.target)) for n in gm.graph.nodes if n.op == "call_module"]
@@ -85,7 +88,7 @@ class BnAfterAdd(nn.Module):
 @pytest.mark.parametrize("affine", [True, False])
 def test_unfoldable_bn_becomes_channel_affine(affine: bool) -> None:
     model = randomize_bn_wide(BnAfterAdd(affine)).eval()
-    gm = fold_batchnorm(trace(model))
+    gm = run_passes(model, trace, fold_batchnorm)
 
     assert not any(isinstance(m, BATCHNORMS) for m in gm.modules())
     affine_nodes = [n for n in gm.graph.nodes
@@ -116,7 +119,7 @@ def test_bn1d_on_linear_output_after_add_becomes_affine() -> None:
             return self.bn(self.fc1(x) - self.fc2(x))
 
     model = randomize_bn_wide(M()).eval()
-    gm = fold_batchnorm(trace(model))
+    gm = run_passes(model, trace, fold_batchnorm)
     assert isinstance(gm.get_submodule("bn"), ChannelAffine)
     x = torch.randn(8, 4)
     assert_rel_close(gm(x), model(x))
@@ -159,6 +162,6 @@ class LinearOn3d(nn.Module):
 
 def test_bn1d_after_linear_on_3d_input() -> None:
     model = randomize_bn_wide(LinearOn3d()).eval()
-    gm = fold_batchnorm(trace(model))
+    gm = run_passes(model, trace, fold_batchnorm)
     x = torch.randn(3, 4, 6)
     assert_rel_close(gm(x), model(x))

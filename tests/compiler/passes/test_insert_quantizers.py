@@ -2,6 +2,8 @@
 bits given once or per activation."""
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,7 @@ import ann2snn
 from ann2snn.compiler.quantizer import ClippedReLU, QCFSQuantizer
 from ann2snn.compiler.passes import insert_quantizers, normalize_activations, trace
 from ann2snn.compiler.qbits import activation_nodes, activation_roles, check_qbits, quantizer_bits
+from ann2snn.compiler.pass_manager import run_passes
 from tests.helpers import qann_levels, randomize_bn
 
 
@@ -30,13 +33,13 @@ class Net(nn.Module):
 @pytest.mark.parametrize("qbits", [1, 3, 8])
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_every_clipped_relu_becomes_a_quantizer(qbits: int, per_channel: bool) -> None:
-    normalized = normalize_activations(trace(Net().eval()))
+    normalized = run_passes(Net().eval(), trace, normalize_activations)
     expected = [(n.target, normalized.get_submodule(n.target).upper) for n in normalized.graph.nodes
                 if n.op == "call_module" and isinstance(normalized.get_submodule(n.target), ClippedReLU)]
     assert [u for _, u in expected] == [6.0, 4.0, None]
     before = [(n.op, n.target) for n in normalized.graph.nodes]
 
-    gm = insert_quantizers(normalized, qbits=qbits, per_channel=per_channel)
+    gm = run_passes(normalized, partial(insert_quantizers, qbits=qbits, per_channel=per_channel))
     assert [(n.op, n.target) for n in gm.graph.nodes] == before
     assert not any(isinstance(m, ClippedReLU) for m in gm.modules())
     for target, upper in expected:
@@ -78,7 +81,7 @@ def test_qcfs_per_channel_matches_reference(qbits: int) -> None:
 def test_invalid_qbits(bad) -> None:
     with pytest.raises(ValueError, match="qbits"):
         check_qbits(bad)
-    gm = normalize_activations(trace(Net().eval()))
+    gm = run_passes(Net().eval(), trace, normalize_activations)
     with pytest.raises(ValueError, match="qbits"):
         insert_quantizers(gm, qbits=bad)
 
@@ -105,7 +108,7 @@ class Branches(nn.Module):
 
 
 def normalized(model: nn.Module):
-    return normalize_activations(trace(model.eval()))
+    return run_passes(model.eval(), trace, normalize_activations)
 
 
 def test_roles_first_and_last_follow_the_dataflow_not_the_node_order() -> None:

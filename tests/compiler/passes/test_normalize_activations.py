@@ -11,10 +11,11 @@ from torchvision.models.resnet import BasicBlock
 
 from ann2snn.compiler.quantizer import ClippedReLU
 from ann2snn.compiler.passes import normalize_activations, trace
+from ann2snn.compiler.pass_manager import run_passes
 
 
 def _normalize(model: nn.Module):
-    return normalize_activations(trace(model.eval()))
+    return run_passes(model.eval(), trace, normalize_activations)
 
 
 def _clipped_nodes(gm):

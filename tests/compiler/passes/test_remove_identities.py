@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ann2snn.compiler.passes import remove_identities, trace
+from ann2snn.compiler.pass_manager import run_passes
 
 
 class Noisy(nn.Module):
@@ -30,7 +31,7 @@ class Noisy(nn.Module):
 
 def test_identities_removed_and_outputs_unchanged() -> None:
     model = Noisy().eval()
-    gm = remove_identities(trace(model))
+    gm = run_passes(model, trace, remove_identities)
 
     modules = {type(gm.get_submodule(n.target)) for n in gm.graph.nodes if n.op == "call_module"}
     assert modules == {nn.Conv2d, nn.Linear}
@@ -51,7 +52,7 @@ def test_model_without_identities_is_untouched() -> None:
     model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 2 * 2, 2)).eval()
     traced = trace(model)
     before = [(n.op, n.target) for n in traced.graph.nodes]
-    gm = remove_identities(traced)
+    gm = run_passes(traced, remove_identities)
     assert [(n.op, n.target) for n in gm.graph.nodes] == before
     x = torch.randn(2, 3, 2, 2)
     torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)

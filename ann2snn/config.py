@@ -1,0 +1,227 @@
+"""The settings of a conversion, in one object: how the ANN is quantized, which neurons stand for its
+activations, how the input reaches the first layer and how many steps are simulated.
+
+Every default lives here, and a configuration is validated once, when it is built, so that the passes,
+the runtime, the CLI and the tools take its values as given. `to_dict` is the flat record that
+`report.json` ("config"), `snn.pt`'s metadata and `calibration/baselines.json` ("conversion") hold;
+`from_dict` reads it back and names any key it does not know. Settings that do not apply (a percentile
+under another threshold rule, an encoding seed without Poisson spikes, ...) are not recorded and hold
+their defaults, so that `from_dict(c.to_dict()) == c` and two conversions that behave alike compare equal.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ann2snn.compiler.observers import THRESHOLD_RULES
+from ann2snn.compiler.qbits import QBits, check_qbits_spec
+from ann2snn.runtime.encoding import ENCODINGS, SPIKE_ENCODINGS, check_encoding
+from ann2snn.runtime.network import check_steps
+from ann2snn.runtime.neuron_kinds import neuron_kind
+
+PERCENTILE_RULE = "percentile"
+POISSON = "poisson"
+
+
+def _positive_int(what: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+
+
+def _set(instance: Any, name: str, value: Any) -> None:
+    """Normalise a field of a frozen instance while it is being built."""
+    object.__setattr__(instance, name, value)
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """The QANN: `qbits` bits per activation (one number, or a mapping as in `ann2snn.compiler.qbits`),
+    thresholds calibrated by `threshold_rule` (`percentile` takes the `percentile`-th percentile), per
+    layer or per channel."""
+
+    qbits: QBits = 4
+    threshold_rule: str = "mse"
+    percentile: float = 99.99
+    per_channel: bool = False
+
+    def __post_init__(self) -> None:
+        check_qbits_spec(self.qbits)
+        if isinstance(self.qbits, Mapping):
+            _set(self, "qbits", dict(self.qbits))
+        if self.threshold_rule not in THRESHOLD_RULES:
+            raise ValueError(f"unknown threshold rule {self.threshold_rule!r}; choose one of {tuple(THRESHOLD_RULES)}")
+        if self.threshold_rule != PERCENTILE_RULE:
+            _set(self, "percentile", QuantizationConfig.percentile)
+        elif isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) \
+                or not 0 < self.percentile <= 100:
+            raise ValueError(f"percentile must be in (0, 100], got {self.percentile!r}")
+        if not isinstance(self.per_channel, bool):
+            raise ValueError(f"per_channel must be True or False, got {self.per_channel!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        record = {"qbits": dict(self.qbits) if isinstance(self.qbits, Mapping) else self.qbits,
+                  "threshold_rule": self.threshold_rule, "per_channel": self.per_channel}
+        if self.threshold_rule == PERCENTILE_RULE:
+            record["percentile"] = self.percentile
+        return record
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """`T` steps per call of the network, simulated `chunk_size` steps per batched call (None: planned
+    from the memory available)."""
+
+    T: int = 32
+    chunk_size: int | None = None
+
+    def __post_init__(self) -> None:
+        check_steps("T", self.T)
+        if self.chunk_size is not None:
+            check_steps("chunk_size", self.chunk_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"T": self.T, **({"chunk_size": self.chunk_size} if self.chunk_size is not None else {})}
+
+
+@dataclass(frozen=True)
+class NeuronConfig:
+    """The neuron kind (a name of `ann2snn.runtime.neuron_kinds.NEURON_KINDS`), bursts of up to
+    `max_spikes_per_step` spikes per step, and the kind's own `options` (e.g. decay for 'lif')."""
+
+    kind: str = "if"
+    max_spikes_per_step: int = 1
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        accepted = neuron_kind(self.kind).options
+        _positive_int("max_spikes_per_step", self.max_spikes_per_step)
+        if not isinstance(self.options, Mapping):
+            raise ValueError(f"neuron options must be a mapping of option names to values, got {self.options!r}")
+        if unknown := sorted(set(self.options) - set(accepted)):
+            takes = f"takes {', '.join(accepted)}" if accepted else "takes no options"
+            raise ValueError(f"neuron {self.kind!r} has no option {', '.join(map(repr, unknown))}; it {takes}")
+        _set(self, "options", dict(self.options))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"neuron": self.kind, "max_spikes_per_step": self.max_spikes_per_step,
+                "neuron_options": dict(self.options)}
+
+
+def _channel_values(what: str, values: Any, default: float) -> list[float]:
+    """Per-channel normalisation values as the encoder holds them (float32), so that a record read back
+    equals the configuration it was written from."""
+    flat = torch.as_tensor(default if values is None else values, dtype=torch.float32).flatten().tolist()
+    if not flat or not all(math.isfinite(value) for value in flat):
+        raise ValueError(f"input normalisation needs finite {what}, got {values!r}")
+    return flat
+
+
+@dataclass(frozen=True)
+class EncodingConfig:
+    """How the image reaches the first layer: `direct` (the analog image), or spikes of its intensity,
+    `poisson` (seeded by `seed`) or `regular`, recovered with the data's per-channel normalisation
+    `input_mean` and `input_std` (defaults 0 and 1: the input is the intensity itself)."""
+
+    kind: str = "direct"
+    seed: int = 0
+    input_mean: tuple[float, ...] | None = None
+    input_std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        check_encoding(self.kind)
+        if self.kind != POISSON:
+            _set(self, "seed", EncodingConfig.seed)
+        elif not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"encoding seed must be an integer, got {self.seed!r}")
+        if self.kind not in SPIKE_ENCODINGS:
+            _set(self, "input_mean", None)
+            _set(self, "input_std", None)
+            return
+        mean = _channel_values("means", self.input_mean, 0.0)
+        std = _channel_values("stds", self.input_std, 1.0)
+        if not all(value > 0 for value in std):
+            raise ValueError(f"input normalisation needs finite means and positive finite stds, got mean {mean} "
+                             f"and std {std}")
+        _set(self, "input_mean", tuple(mean))
+        _set(self, "input_std", tuple(std))
+
+    def to_dict(self) -> dict[str, Any]:
+        record: dict[str, Any] = {"encoding": self.kind}
+        if self.kind in SPIKE_ENCODINGS:
+            record.update(input_mean=list(self.input_mean), input_std=list(self.input_std))
+        if self.kind == POISSON:
+            record["encoding_seed"] = self.seed
+        return record
+
+
+def quantization_config(config: QuantizationConfig | ConversionConfig | QBits | None = None,
+                        **settings: Any) -> QuantizationConfig:
+    """The quantization settings a caller gives: a `QuantizationConfig`, the quantization part of a
+    `ConversionConfig`, or, for short, the bits alone; keyword `settings` (qbits, threshold_rule,
+    percentile, per_channel) change it, or build it on the defaults when `config` is None."""
+    if isinstance(config, ConversionConfig):
+        config = config.quantization
+    if config is None or isinstance(config, QuantizationConfig):
+        base = config or QuantizationConfig()
+        return dataclasses.replace(base, **settings) if settings else base
+    return QuantizationConfig(config, **settings)
+
+
+# The flat record's keys and the part of the configuration each belongs to.
+_PART_OF = {
+    **dict.fromkeys(("qbits", "threshold_rule", "percentile", "per_channel"), "quantization"),
+    **dict.fromkeys(("T", "chunk_size"), "simulation"),
+    **dict.fromkeys(("neuron", "max_spikes_per_step", "neuron_options"), "neuron"),
+    **dict.fromkeys(("encoding", "encoding_seed", "input_mean", "input_std"), "encoding"),
+}
+# Record keys whose field has another name in its part.
+_FIELD_OF = {"neuron": "kind", "neuron_options": "options", "encoding": "kind", "encoding_seed": "seed"}
+RECORD_KEYS = tuple(_PART_OF)
+QUANTIZATION_KEYS = tuple(key for key, part in _PART_OF.items() if part == "quantization")
+
+
+@dataclass(frozen=True)
+class ConversionConfig:
+    """Everything a conversion is told: see the parts. Build it whole, from parts, or from the flat
+    record (`from_dict`, the keyword arguments of `ann2snn.convert`)."""
+
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    neuron: NeuronConfig = field(default_factory=NeuronConfig)
+    encoding: EncodingConfig = field(default_factory=EncodingConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+    def __post_init__(self) -> None:
+        for name, part in _PARTS.items():
+            if not isinstance(getattr(self, name), part):
+                raise TypeError(f"{name} must be a {part.__name__}, got {type(getattr(self, name)).__name__}")
+        kind = neuron_kind(self.neuron.kind)
+        check_encoding(self.encoding.kind, kind.coding.name, kind.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat record, in the order `report.json` has always listed it."""
+        return {**self.simulation.to_dict(), **self.neuron.to_dict(), **self.encoding.to_dict(),
+                **self.quantization.to_dict()}
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> ConversionConfig:
+        """The configuration a flat record describes; keys it leaves out take their defaults."""
+        if unknown := [key for key in record if key not in _PART_OF]:
+            raise ValueError(f"unknown conversion setting{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}; "
+                             f"the settings are {', '.join(RECORD_KEYS)}")
+        parts: dict[str, dict[str, Any]] = {}
+        for key, value in record.items():
+            parts.setdefault(_PART_OF[key], {})[_FIELD_OF.get(key, key)] = value
+        return cls(**{name: _PARTS[name](**values) for name, values in parts.items()})
+
+    def replace(self, **settings: Any) -> ConversionConfig:
+        """This configuration with some settings (record keys, as in `from_dict`) changed."""
+        return ConversionConfig.from_dict({**self.to_dict(), **settings})
+
+
+_PARTS = {"quantization": QuantizationConfig, "neuron": NeuronConfig, "encoding": EncodingConfig,
+          "simulation": SimulationConfig}
