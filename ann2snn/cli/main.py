@@ -27,7 +27,6 @@ from typing import Any, NoReturn
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils.data import Dataset
 from tqdm import tqdm
@@ -41,9 +40,7 @@ from ann2snn.distributed import DEFAULT_TIMEOUT, is_distributed, is_main_process
 from ann2snn.io.batches import check_model_accepts, device_of
 from ann2snn.errors import ConversionError, ConversionWarning, target_name
 from ann2snn.evaluation.evaluate import evaluate
-from ann2snn.compiler.ops import AVG_POOLS, MAX_POOLS, WEIGHTED
-from ann2snn.runtime.layers import ChannelAffine
-from ann2snn.compiler.quantizer import ClippedReLU
+from ann2snn.compiler.ops import Role, role_of
 from ann2snn.io.model_loading import LoadedModel, Preprocessing, load_model
 from ann2snn.runtime.neurons import DEFAULT_ADAPT_DECAY, DEFAULT_ADAPT_INCREASE
 from ann2snn.compiler.observers import THRESHOLD_RULES
@@ -64,9 +61,6 @@ DEFAULT_QBITS = 4
 DEFAULT_CALIBRATION = Path("data/cifar10/subsets/train-calib-512.txt")
 DEFAULT_EVALUATION = Path("data/cifar10/subsets/test-1000.txt")
 DEFAULT_TRAINING = Path("data/cifar10/train")
-_MAX_POOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d}
-_AVG_POOL_FUNCTIONS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-                       F.adaptive_avg_pool3d}
 
 
 class UsageError(Exception):
@@ -639,21 +633,21 @@ def _export_command(args: argparse.Namespace) -> int:
 
 def _becomes(gm: fx.GraphModule, node: fx.Node) -> str:
     """What the conversion makes of a supported node."""
-    module = gm.get_submodule(node.target) if node.op == "call_module" else None
     if node.op == "placeholder":
         return "input: analog image, fed to the first layers directly"
     if node.op == "output":
         return "output: spike counts decoded (rate: mean over T; signed: sum)"
-    if isinstance(module, ClippedReLU):
+    role = role_of(gm, node)
+    if role is Role.ACTIVATION:
         return "spiking neuron layer (threshold calibrated on the QANN)"
-    if isinstance(module, WEIGHTED):
-        bias = " + bias current" if module.bias is not None else ""
+    if role is Role.WEIGHTED:
+        bias = " + bias current" if gm.get_submodule(node.target).bias is not None else ""
         return f"synapses: weights with thresholds folded in{bias}"
-    if isinstance(module, ChannelAffine):
+    if role is Role.CHANNELWISE:
         return "per-channel synapses (BatchNorm that could not be folded)"
-    if isinstance(module, MAX_POOLS) or (node.op == "call_function" and node.target in _MAX_POOL_FUNCTIONS):
+    if role is Role.MAX_POOLING:
         return "exact spiking max pooling (on accumulated spikes)"
-    if isinstance(module, AVG_POOLS) or (node.op == "call_function" and node.target in _AVG_POOL_FUNCTIONS):
+    if role is Role.AVG_POOLING:
         return "average pooling: fixed synapses"
     if "tensor_meta" not in node.meta:
         return "shape computation, not on spikes"

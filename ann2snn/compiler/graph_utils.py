@@ -21,10 +21,6 @@ def finalize(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    return gm.get_submodule(node.target) if node.op == "call_module" else None
-
-
 def is_module(gm: fx.GraphModule, node: fx.Node, types: type | tuple[type, ...]) -> bool:
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), types)
 

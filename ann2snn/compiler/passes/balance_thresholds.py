@@ -13,25 +13,16 @@ adds) or the output is reached, the Scale stays as an explicit 1-to-1 weighted s
 from __future__ import annotations
 
 import copy
-import operator
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ann2snn.compiler.graph_utils import call_sites, free_name, is_module
-from ann2snn.compiler.ops import AVG_POOLS, CONVS, MAX_POOLS
+from ann2snn.compiler.ops import Commutes, Role, node_arg, op_of, role_of
 from ann2snn.runtime.layers import Scale, SpikingMaxPool
 from ann2snn.runtime.neurons import SpikingNeuron
 
-# (plain max pools appear in imported networks, whose pooling of spikes stays as it was computed)
-_CHANNELWISE_MODULES = AVG_POOLS + MAX_POOLS + (SpikingMaxPool, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d)
-_CHANNELWISE_FUNCTIONS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
-                          F.adaptive_avg_pool2d, F.adaptive_avg_pool3d}
-_RESHAPING_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, operator.getitem, F.pad}
-_RESHAPING_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze"}
-_MEANS = {torch.mean, "mean"}
 # The smallest factor relative to the largest at which a residual add is balanced (see `_balanced_add`).
 _BALANCED_ADD_RANGE = 2.0 ** -20
 
@@ -39,19 +30,18 @@ _BALANCED_ADD_RANGE = 2.0 ** -20
 def _commutes(gm: fx.GraphModule, user: fx.Node, factor: torch.Tensor) -> bool:
     """Whether user(a * x) == a' * user(x) with a' computable: always for channel-preserving ops, and
     for ops that move or drop elements when a is a scalar."""
-    scalar = factor.numel() == 1
-    if user.op == "call_module":
-        return isinstance(gm.get_submodule(user.target), _CHANNELWISE_MODULES)
-    if user.target in _CHANNELWISE_FUNCTIONS:
-        return True
-    if user.target is F.pad and not scalar:
-        pad = user.args[1] if len(user.args) > 1 else user.kwargs["pad"]
-        return len(pad) <= 2 * (factor.dim() - 2) and (user.args[2] if len(user.args) > 2 else user.kwargs.get("mode", "constant")) == "constant"
-    if not scalar:
+    if is_module(gm, user, SpikingMaxPool):
+        return True  # max pooling, of accumulated spikes
+    op = op_of(gm, user)
+    if op is None:
         return False
-    if user.op == "call_function":
-        return user.target in _RESHAPING_FUNCTIONS or user.target in _MEANS
-    return user.op == "call_method" and (user.target in _RESHAPING_METHODS or user.target in _MEANS)
+    if op.commutes is Commutes.PER_CHANNEL:
+        return True
+    if factor.numel() == 1:
+        return op.commutes is Commutes.SCALAR
+    # a per-channel factor moves through constant (zero) padding of the dimensions after the channels
+    return op.role is Role.PADDING and user.op == "call_function" and len(node_arg(user, 1, "pad")) <= 2 * (
+        factor.dim() - 2) and node_arg(user, 2, "mode", "constant") == "constant"
 
 
 def _folds_into(layer: nn.Module, factor: torch.Tensor) -> bool:
@@ -88,12 +78,12 @@ def _scale_output_channels(layer: nn.Module, factor: torch.Tensor) -> None:
 def _balanced_add(gm: fx.GraphModule, node: fx.Node, add: fx.Node, sites: dict[str, list[fx.Node]]) -> bool:
     """Fold the Scale `node` feeding the residual `add` into the add's other operand and the neuron after
     it (see the module docstring); False where the pattern does not hold."""
-    if add.op != "call_function" or add.target not in (operator.add, torch.add) or len(add.args) != 2 \
+    if add.op != "call_function" or role_of(gm, add) is not Role.ADD or len(add.args) != 2 \
             or add.kwargs or len(add.users) != 1:
         return False
     other = add.args[1] if add.args[0] is node else add.args[0]
     (neuron_node,) = add.users
-    if not (isinstance(other, fx.Node) and is_module(gm, other, CONVS + (nn.Linear,)) and len(other.users) == 1
+    if not (isinstance(other, fx.Node) and role_of(gm, other) is Role.WEIGHTED and len(other.users) == 1
             and len(sites[other.target]) == 1 and is_module(gm, neuron_node, SpikingNeuron)
             and len(sites[neuron_node.target]) == 1):
         return False
@@ -132,7 +122,7 @@ def _step(gm: fx.GraphModule, node: fx.Node, sites: dict[str, list[fx.Node]]) ->
     source = node.args[0]
     if is_module(gm, user, Scale):
         gm.get_submodule(user.target).factor.mul_(scale.factor)
-    elif (is_module(gm, user, CONVS + (nn.Linear,)) and user.args[0] is node and len(sites[user.target]) == 1
+    elif (role_of(gm, user) is Role.WEIGHTED and user.args[0] is node and len(sites[user.target]) == 1
           and _folds_into(gm.get_submodule(user.target), scale.factor)):
         _scale_input_channels(gm.get_submodule(user.target), scale.factor)
     elif _balanced_add(gm, node, user, sites):

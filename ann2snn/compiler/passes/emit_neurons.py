@@ -9,25 +9,20 @@ accumulated spikes. Everything else stays as synaptic computation."""
 from __future__ import annotations
 
 import copy
-import operator
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ann2snn.compiler.graph_utils import free_name, insert_module_after, is_module, is_number, replace_with_module
-from ann2snn.compiler.passes.check_supported import is_shape_value
-from ann2snn.compiler.ops import MAX_POOLS, WEIGHTED
+from ann2snn.compiler.ops import Role, is_shape_value, op_of, role_of
 from ann2snn.runtime.layers import AddBias, ChannelAffine, Scale, SpikingMaxPool
 from ann2snn.compiler.quantizer import QCFSQuantizer
 from ann2snn.runtime.neurons import AdaptiveNeuron, IFNeuron, LIFNeuron, SignedNeuron, SpikingNeuron
 
 NEURON_KINDS = ("if", "lif", "signed", "signed-rate", "adaptive")
-_FUNCTIONAL_MAX_POOLS = {F.max_pool1d: nn.MaxPool1d, F.max_pool2d: nn.MaxPool2d, F.max_pool3d: nn.MaxPool3d}
 _MAX_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
-_OFFSETS = {operator.add: 1.0, torch.add: 1.0, "add": 1.0, "add_": 1.0,
-            operator.sub: -1.0, torch.sub: -1.0, "sub": -1.0, "sub_": -1.0}
+_OFFSET_SIGNS = {Role.ADD: 1.0, Role.SUB: -1.0}
 
 
 def spike_value(quantizer: QCFSQuantizer, kind: str) -> torch.Tensor:
@@ -60,23 +55,24 @@ def coding_of(kind: str) -> str:
     return "accumulate" if kind == "signed" else "rate"
 
 
-def _functional_max_pool(node: fx.Node) -> nn.Module:
-    kind = _FUNCTIONAL_MAX_POOLS[node.target]
+def _functional_max_pool(gm: fx.GraphModule, node: fx.Node) -> nn.Module:
+    kind = op_of(gm, node).module
     given = dict(zip(_MAX_POOL_ARGS, node.args[1:]))
     given.update({k: v for k, v in node.kwargs.items() if k in _MAX_POOL_ARGS})
     return kind(**given)
 
 
-def _constant_offset(node: fx.Node) -> tuple[fx.Node, float] | None:
+def _constant_offset(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, float] | None:
     """(tensor, c) for `tensor + c`, `c + tensor` or `tensor - c` with a Python number c."""
-    if node.op not in ("call_function", "call_method") or node.target not in _OFFSETS or len(node.args) != 2:
+    sign = _OFFSET_SIGNS.get(role_of(gm, node))
+    if node.op not in ("call_function", "call_method") or sign is None or len(node.args) != 2:
         return None
     first, second = node.args
     if isinstance(first, fx.Node) and is_shape_value(first) or isinstance(second, fx.Node) and is_shape_value(second):
         return None
     if isinstance(first, fx.Node) and is_number(second):
-        return first, _OFFSETS[node.target] * second
-    if isinstance(second, fx.Node) and is_number(first) and _OFFSETS[node.target] > 0:
+        return first, sign * second
+    if isinstance(second, fx.Node) and is_number(first) and sign > 0:
         return second, float(first)
     return None
 
@@ -95,6 +91,7 @@ def emit_neurons(gm: fx.GraphModule, neuron: str = "if", max_spikes_per_step: in
     once = coding_of(neuron) == "accumulate"
     stripped_biases: dict[str, tuple[torch.Tensor, int]] = {}
     for node in list(gm.graph.nodes):
+        role = role_of(gm, node)
         if is_module(gm, node, QCFSQuantizer):
             quantizer = gm.get_submodule(node.target)
             if not quantizer.calibrated:
@@ -102,7 +99,7 @@ def emit_neurons(gm: fx.GraphModule, neuron: str = "if", max_spikes_per_step: in
             spiking, amplitude = make_neuron(quantizer, neuron, max_spikes_per_step, neuron_options)
             gm.add_submodule(node.target, spiking)
             insert_module_after(gm, node, f"{node.target}_amplitude", amplitude)
-        elif once and is_module(gm, node, WEIGHTED + (ChannelAffine,)):
+        elif once and role in (Role.WEIGHTED, Role.CHANNELWISE):
             # a layer called at several sites is stripped once; every site gets its own injection
             if node.target not in stripped_biases:
                 layer = gm.get_submodule(node.target)
@@ -112,13 +109,14 @@ def emit_neurons(gm: fx.GraphModule, neuron: str = "if", max_spikes_per_step: in
                 gm.add_submodule(node.target, _strip_bias(layer))
             bias, channel_dim = stripped_biases[node.target]
             insert_module_after(gm, node, f"{node.target}_bias", AddBias(bias, once, channel_dim))
-        elif is_module(gm, node, MAX_POOLS):
+        elif role is Role.MAX_POOLING and node.op == "call_module":
             gm.add_submodule(node.target, SpikingMaxPool(gm.get_submodule(node.target)))
-        elif node.op == "call_function" and node.target in _FUNCTIONAL_MAX_POOLS:
+        elif role is Role.MAX_POOLING:
             owner = node.meta.get("module_path")
             path = f"{owner}.{node.name}" if owner else node.name
-            replace_with_module(gm, node, free_name(gm, path), SpikingMaxPool(_functional_max_pool(node)), node.args[:1])
-        elif (offset := _constant_offset(node)) is not None:
+            replace_with_module(gm, node, free_name(gm, path), SpikingMaxPool(_functional_max_pool(gm, node)),
+                                node.args[:1])
+        elif (offset := _constant_offset(gm, node)) is not None:
             # a constant current, injected like a bias so that accumulate coding adds it only once
             tensor, constant = offset
             replace_with_module(gm, node, free_name(gm, f"{node.name}_offset"),

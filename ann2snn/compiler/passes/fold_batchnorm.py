@@ -11,13 +11,13 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from ann2snn.errors import ConversionError, describe_node
 from ann2snn.compiler.graph_utils import call_sites, is_module, replace_with_module
-from ann2snn.compiler.ops import BATCHNORMS, CONVS
+from ann2snn.compiler.ops import Role, role_of
 from ann2snn.runtime.layers import ChannelAffine
 
 
 def _foldable_producer(gm: fx.GraphModule, bn_node: fx.Node, sites: dict[str, list[fx.Node]]) -> fx.Node | None:
     producer = bn_node.args[0]
-    if not isinstance(producer, fx.Node) or not is_module(gm, producer, CONVS + (nn.Linear,)):
+    if not isinstance(producer, fx.Node) or role_of(gm, producer) is not Role.WEIGHTED:
         return None
     if len(producer.users) != 1 or len(sites[producer.target]) != 1:
         return None
@@ -35,7 +35,7 @@ def _rank(node: fx.Node) -> int | None:
 def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
     sites = call_sites(gm)
     for node in list(gm.graph.nodes):
-        if not is_module(gm, node, BATCHNORMS):
+        if role_of(gm, node) is not Role.NORMALIZATION:
             continue
         bn = gm.get_submodule(node.target)
         if bn.training or bn.running_mean is None:
