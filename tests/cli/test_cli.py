@@ -18,7 +18,7 @@ from ann2snn.io.checkpoint import load_into
 from ann2snn.io.data import SHARED_ENV_VAR, cifar10_transform, make_loader, open_dataset, stratified_subset
 from ann2snn.io.model_loading import Preprocessing, save_checkpoint
 from ann2snn.zoo import build_model
-from tests.helpers import assert_one_line_error, run_cli as run
+from tests.helpers import assert_one_line_error, digits_args, digits_checkpoint, run_cli as run
 
 REPORT_FILES = {"report.json", "report.md", "accuracy_vs_T.png", "spikes_per_layer.png"}
 CONVERSION_FILES = REPORT_FILES | {"snn.pt", "snn.onnx", "snn-step.onnx"}
@@ -243,7 +243,7 @@ def test_error_missing_default_data(capsys, resnet20_checkpoint: Path, tmp_path:
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(SHARED_ENV_VAR, str(tmp_path / "empty"))
     code, _, err = run(capsys, "convert", resnet20_checkpoint, "--out", tmp_path / "out", *FAST)
-    assert_one_line_error(code, err, 2, "no --eval given", "pass --eval DATA")
+    assert_one_line_error(code, err, 2, "no --data given", "pass --data DATA")
 
 
 def test_error_wrong_input_size(capsys, resnet20_checkpoint: Path, tmp_path: Path, image_tree: Path) -> None:
@@ -278,6 +278,33 @@ def test_usage_errors(capsys) -> None:
     code, _, err = run(capsys, "convert", "x.pt", "--T-list", "8,zero")
     assert code == 2 and "--T-list" in err
     assert run(capsys, "--help")[0] == 0
+
+
+def test_options_are_never_abbreviated(capsys, tmp_path: Path) -> None:
+    """`eval DIR --eval DATA` was taken for --eval-size; an option is now spelled out or refused."""
+    code, _, err = run(capsys, "eval", tmp_path, "--eval", "mnist5k")
+    assert_one_line_error(code, err, 2, "unrecognized arguments: --eval mnist5k")
+    code, _, err = run(capsys, "convert", "x.pt", "--eval-s", "3")
+    assert_one_line_error(code, err, 2, "unrecognized arguments: --eval-s")
+
+
+def test_conversion_options_are_refused_on_a_saved_network(capsys, tmp_path: Path) -> None:
+    checkpoint = digits_checkpoint(tmp_path)
+    out = tmp_path / "conversion"
+    # every command names its evaluation data --data; convert's old --eval still works (digits_args uses it)
+    arguments = digits_args(checkpoint, "--out", out)
+    arguments[arguments.index("--eval")] = "--data"
+    code, _, err = run(capsys, *arguments)
+    assert code == 0, err
+    for command in ("eval", "analyze"):
+        refused = tmp_path / f"{command}-refused"
+        code, _, err = run(capsys, command, out, "--data", "mnist5k", "--T", "8", "--neuron", "signed",
+                           "--per-channel", "--prune", "0.5", "--out", refused)
+        assert_one_line_error(code, err, 2, "--T, --neuron, --per-channel, --prune: conversion options",
+                              f"{out} is a saved network")
+        assert not refused.exists()
+    code, _, err = run(capsys, "eval", out / "snn.pt", "--data", "mnist5k", "--calib", "mnist5k")
+    assert_one_line_error(code, err, 2, "--calib: conversion option, but")
 
 
 def test_python_dash_m_entry_point() -> None:

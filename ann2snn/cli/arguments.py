@@ -1,0 +1,371 @@
+"""The argument definitions the commands share, and what they turn into: the conversion settings, the data
+to read, the run options. Conversion options default to None (not given), so that the defaults stay those
+of `ann2snn.config` and a command can tell which options were given."""
+from __future__ import annotations
+
+import argparse
+import functools
+import secrets
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+
+from ann2snn.compiler.observers import THRESHOLD_RULES
+from ann2snn.config import ConversionConfig, NeuronConfig
+from ann2snn.distributed import DEFAULT_TIMEOUT, is_distributed, is_main_process, process_group
+from ann2snn.io.data import shared_dir
+from ann2snn.io.model_loading import LoadedModel, load_model
+from ann2snn.runtime.encoding import ENCODINGS
+from ann2snn.runtime.memory import MEBIBYTE
+from ann2snn.runtime.neuron_kinds import NEURON_KINDS
+from ann2snn.training.bit_allocation import read_qbits_config
+from ann2snn.training.pruning import PRUNE_MODES
+from ann2snn.workflow import Conversion, Execution, Pruning, convert_checkpoint
+
+PROGRAM = "ann2snn"
+DEFAULT_CALIBRATION = Path("data/cifar10/subsets/train-calib-512.txt")
+DEFAULT_EVALUATION = Path("data/cifar10/subsets/test-1000.txt")
+DEFAULT_TRAINING = Path("data/cifar10/train")
+ADAPTIVE = "adaptive"
+
+
+class UsageError(Exception):
+    """The command line asks for something impossible; nothing has been done yet."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its usage errors printed as one line, like every other error: argparse prints the whole
+    usage first, twenty lines of options above the reason. Options are never abbreviated (`--eval` must not
+    be taken for `--eval-size`). add_subparsers makes the subcommands' parsers of the same class."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{PROGRAM}: error: {message} (`{self.prog} --help` lists the options)\n")
+
+
+def _parents() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Value types
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _T_list(text: str) -> list[int]:
+    values = sorted({positive_int(piece) for piece in text.replace(" ", "").split(",") if piece})
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected at least one time step count, got {text!r}")
+    return values
+
+
+def _bits(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 8:
+        raise argparse.ArgumentTypeError(f"expected an integer number of bits in 1..8, got {text!r}")
+    return value
+
+
+def _number_in(what: str, accepts: Callable[[float], bool]) -> Callable[[str], float]:
+    """An argparse type: a float that `accepts` admits, else an error that says `what` was expected."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")  # refused below, with the same message
+        if not accepts(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+_percentile = _number_in("a percentile in (0, 100]", lambda value: 0 < value <= 100)
+_fraction = _number_in("a fraction in (0, 1)", lambda value: 0 < value < 1)
+_bit_budget = _number_in("a mean number of bits per neuron in [1, 8]", lambda value: 1 <= value <= 8)
+_megabytes = _number_in("a positive number of MiB", lambda value: 0 < value < float("inf"))
+_adapt_increase = _number_in("a threshold increase per spike >= 0", lambda value: 0 <= value < float("inf"))
+_adapt_decay = _number_in("a decay factor in [0, 1)", lambda value: 0 <= value < 1)
+
+
+def numbers(tokens: Sequence[str] | None, kind: type) -> list | None:
+    """Numbers given as separate tokens or comma-separated ('3 32 32' or '3,32,32')."""
+    if tokens is None:
+        return None
+    pieces = [piece for token in tokens for piece in token.replace(",", " ").split()]
+    try:
+        return [kind(piece) for piece in pieces]
+    except ValueError:
+        raise UsageError(f"expected {kind.__name__} values, got {' '.join(tokens)!r}") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Argument groups
+
+DEFAULTS = ConversionConfig()
+ADAPTIVE_OPTIONS = NEURON_KINDS[ADAPTIVE].options
+
+
+def model_arguments() -> argparse.ArgumentParser:
+    parser = _parents()
+    group = parser.add_argument_group("model")
+    group.add_argument("--arch", help="architecture of a plain state dict: a name from the model zoo or "
+                                      "torchvision:<name> (default: read from the checkpoint or its file name)")
+    group.add_argument("--num-classes", type=positive_int,
+                       help="number of classes (default: from the checkpoint's final layer)")
+    group.add_argument("--trust-pickle", action="store_true",
+                       help="allow checkpoints holding pickled Python objects (can run arbitrary code)")
+    group.add_argument("--mean", nargs="+", metavar="M", help="per-channel normalisation mean")
+    group.add_argument("--std", nargs="+", metavar="S", help="per-channel normalisation std")
+    group.add_argument("--image-size", nargs="+", metavar="N", help="model input size C,H,W (e.g. 3,32,32)")
+    return parser
+
+
+def conversion_arguments() -> argparse.ArgumentParser:
+    """The options of a conversion; every default is None here (see the module docstring)."""
+    parser = _parents()
+    group = parser.add_argument_group("conversion")
+    group.add_argument("--T", type=positive_int, help=f"time steps the SNN simulates (default {DEFAULTS.simulation.T})")
+    group.add_argument("--qbits", type=_bits, help="activation quantization bits, 1..8 (default: the bits a "
+                       f"fine-tuned checkpoint was trained at, else {DEFAULTS.quantization.qbits})")
+    group.add_argument("--recalibrate", action="store_true", default=None,
+                       help="calibrate thresholds even when the checkpoint has fine-tuned ones")
+    group.add_argument("--neuron", choices=NEURON_KINDS,
+                       help=f"spiking neuron model (default {DEFAULTS.neuron.kind}: integrate-and-fire)")
+    group.add_argument("--threshold-rule", choices=THRESHOLD_RULES,
+                       help=f"how thresholds are calibrated (default {DEFAULTS.quantization.threshold_rule})")
+    group.add_argument("--percentile", type=_percentile,
+                       help=f"for --threshold-rule percentile (default {DEFAULTS.quantization.percentile})")
+    group.add_argument("--per-channel", action="store_true", default=None, help="one threshold per channel")
+    group.add_argument("--max-spikes-per-step", type=positive_int,
+                       help=f"bursts of up to N spikes per step (default {DEFAULTS.neuron.max_spikes_per_step})")
+    group.add_argument("--encoding", choices=ENCODINGS,
+                       help="how the image reaches the first layer: direct (the analog image, default), poisson "
+                            "(random spikes of the pixel intensity's rate) or regular (evenly spaced spikes); "
+                            "spike encodings need rate-coded neurons")
+    group.add_argument("--encoding-seed", type=int, metavar="N",
+                       help=f"seed of --encoding poisson (default {DEFAULTS.encoding.seed})")
+    group.add_argument("--adapt-increase", type=_adapt_increase, metavar="A",
+                       help="--neuron adaptive: threshold increase per spike, in thresholds (default "
+                            f"{ADAPTIVE_OPTIONS['adapt_increase']})")
+    group.add_argument("--adapt-decay", type=_adapt_decay, metavar="D",
+                       help="--neuron adaptive: decay of the threshold increase per step (default "
+                            f"{ADAPTIVE_OPTIONS['adapt_decay']})")
+    group.add_argument("--calib", metavar="DATA", help=f"calibration data (default <shared>/{DEFAULT_CALIBRATION})")
+    group.add_argument("--calib-size", type=positive_int, metavar="N",
+                       help="use a stratified subset of N calibration images")
+    research = parser.add_argument_group("research options")
+    research.add_argument("--qbits-first-last", type=_bits, metavar="BITS",
+                          help="bits of the first and last activations (the others: --qbits)")
+    research.add_argument("--qbits-config", type=Path, metavar="FILE",
+                          help='JSON mapping of activation names, "first", "last" and "default" to bits '
+                               "(`ann2snn analyze` lists the names); --qbits and --qbits-first-last override it")
+    research.add_argument("--qbits-budget", type=_bit_budget, metavar="BITS",
+                          help="choose each activation's bits (2..8) by its measured sensitivity so that the mean "
+                               "bits per neuron stay within BITS; --qbits-first-last and --qbits-config names pin bits")
+    research.add_argument("--prune", type=_fraction, metavar="FRACTION",
+                          help="prune this fraction of the weights (magnitude) or of each convolution's channels "
+                               "(channel) before converting")
+    research.add_argument("--prune-mode", choices=PRUNE_MODES,
+                          help="magnitude: global L1 over conv/linear weights (default); channel: the weakest output "
+                               "channels of every convolution, with their bias and BatchNorm")
+    research.add_argument("--prune-finetune-epochs", type=positive_int, metavar="N",
+                          help="fine-tune the pruned model for N epochs, pruned weights held at zero")
+    research.add_argument("--prune-finetune-data", metavar="DATA",
+                          help=f"labelled fine-tuning data (default <shared>/{DEFAULT_TRAINING})")
+    return parser
+
+
+# The conversion options by destination, for refusing them where a network is converted already.
+CONVERSION_OPTIONS = {dest: "--" + dest.replace("_", "-") for dest in vars(conversion_arguments().parse_args([]))}
+
+
+def run_arguments() -> argparse.ArgumentParser:
+    parser = _parents()
+    group = parser.add_argument_group("evaluation")
+    group.add_argument("--eval-size", type=positive_int, metavar="N",
+                       help="evaluate a stratified subset of N images")
+    group.add_argument("--T-list", type=_T_list, metavar="T,T,...",
+                       help="time steps to report accuracy at (default T/4,T/2,T,2T)")
+    group.add_argument("--seed", type=int, default=0, help="seed of the stratified subsets (default 0)")
+    group.add_argument("--batch-size", type=positive_int, default=128)
+    group.add_argument("--chunk-size", type=positive_int, help="time steps simulated per batched call")
+    group.add_argument("--max-memory", type=_megabytes, metavar="MiB",
+                       help="memory the simulation may plan to use (default: half of what is available at the "
+                            "start); fewer time steps are simulated per chunk to fit, and a batch too large to "
+                            "fit fails before any simulation")
+    group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                       help="auto: cuda when available, else cpu")
+    group.add_argument("--no-progress", action="store_true", help="no progress bars")
+    group.add_argument("--force", action="store_true", help="replace an existing output directory")
+    group.add_argument("--dist-timeout", type=positive_int, metavar="SECONDS",
+                       default=int(DEFAULT_TIMEOUT.total_seconds()),
+                       help="under torchrun: how long a process waits for the others in a collective before "
+                            f"failing (default {int(DEFAULT_TIMEOUT.total_seconds())})")
+    return parser
+
+
+def add_data_argument(parser: argparse.ArgumentParser, default: Path, what: str) -> None:
+    parser.add_argument("--data", metavar="DATA", help=f"{what} (default <shared>/{default})")
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the arguments mean
+
+
+def device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: CUDA is not available on this machine (torch "
+                         f"{torch.__version__}); use --device cpu")
+    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def data_parallel(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Under torchrun, run `command` as one process of the group: each process calibrates and
+    evaluates its shard of the data, the statistics are combined exactly, and the first process
+    prints and writes the outputs (see ann2snn.distributed)."""
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        with process_group(device(args.device), timedelta(seconds=args.dist_timeout)):
+            return command(args)
+    return run
+
+
+def execution(args: argparse.Namespace) -> Execution:
+    return Execution(batch_size=args.batch_size, seed=args.seed, device=device(args.device),
+                     progress=not args.no_progress and is_main_process(),
+                     max_memory=int(args.max_memory * MEBIBYTE) if args.max_memory is not None else None)
+
+
+def preprocessing_overrides(args: argparse.Namespace) -> dict[str, list]:
+    given = {"mean": numbers(args.mean, float), "std": numbers(args.std, float),
+             "image_size": numbers(args.image_size, int)}
+    return {key: value for key, value in given.items() if value is not None}
+
+
+def data_spec(given: str | None, default: Path, option: str) -> str:
+    if given is not None:
+        return given
+    path = shared_dir() / default
+    if not path.is_file():
+        raise UsageError(f"no {option} given, and the default {path} does not exist; pass {option} DATA")
+    return str(path)
+
+
+def load(args: argparse.Namespace, checkpoint: Path) -> LoadedModel:
+    return load_model(checkpoint, arch=args.arch, num_classes=args.num_classes,
+                      preprocessing=preprocessing_overrides(args), trust_pickle=args.trust_pickle)
+
+
+def check_output_free(out: Path | None, force: bool) -> None:
+    """Fail before any work when `out` exists (unless `force`) or cannot be written."""
+    # Under torchrun only the first process writes; the others' file systems do not matter.
+    if not is_main_process() or out is None:
+        return
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output path {out} exists and is not a directory; choose another --out")
+    if out.exists() and not force:
+        raise UsageError(f"output directory {out} already exists; pass --force to replace it")
+    # Try what workflow.staged_directory will do at the end: make a directory beside `out`, in the nearest
+    # directory that exists (the missing ones in between are made then, as they would be now).
+    absolute = out.absolute()
+    ancestor = next(parent for parent in absolute.parents if parent.exists())
+    probe = ancestor / f".{out.name}.probe-{secrets.token_hex(4)}"
+    try:
+        probe.mkdir()
+    except OSError as error:
+        raise UsageError(f"cannot write output directory {out}: {error.strerror} ({ancestor}); choose another "
+                         "--out") from error
+    probe.rmdir()
+
+
+def refuse_conversion_options(args: argparse.Namespace, target: Path) -> None:
+    """A saved network is converted already: conversion options cannot apply to it."""
+    given = [flag for dest, flag in CONVERSION_OPTIONS.items() if getattr(args, dest) is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)}: conversion option{'s' * (len(given) > 1)}, but {target} is a saved "
+                         "network, converted already; convert its checkpoint again to change them")
+
+
+def _requested_bits(args: argparse.Namespace) -> int | dict[str, int] | None:
+    """The bits the command line sets (see ann2snn.compiler.qbits): --qbits-config, then --qbits as
+    'default' and --qbits-first-last as 'first' and 'last'; None when it sets none."""
+    requested = read_qbits_config(args.qbits_config) if args.qbits_config is not None else {}
+    if args.qbits is not None:
+        requested["default"] = args.qbits
+    if args.qbits_first_last is not None:
+        requested["first"] = requested["last"] = args.qbits_first_last
+    if args.qbits_budget is not None and "default" in requested:
+        raise UsageError("--qbits-budget chooses the bits of every activation that --qbits-first-last or "
+                         "--qbits-config names do not pin; drop --qbits (or the config's 'default')")
+    if set(requested) == {"default"}:
+        return requested["default"]
+    return requested or None
+
+
+def _neuron_options(args: argparse.Namespace) -> dict[str, float] | None:
+    """The adaptive neuron's options, defaults spelled out so that the report shows them; refused for other
+    neurons, which would ignore them."""
+    kind = args.neuron or NeuronConfig.kind
+    if kind != ADAPTIVE:
+        if args.adapt_increase is not None or args.adapt_decay is not None:
+            raise UsageError(f"--adapt-increase and --adapt-decay are options of --neuron adaptive, not of --neuron "
+                             f"{kind}")
+        return None
+    given = {"adapt_increase": args.adapt_increase, "adapt_decay": args.adapt_decay}
+    return {**ADAPTIVE_OPTIONS, **{key: value for key, value in given.items() if value is not None}}
+
+
+def conversion_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The conversion settings the command line gives, as `ann2snn.config` records name them (the others keep
+    their defaults); checked here, before any work, by building the configuration they describe."""
+    given = {"qbits": _requested_bits(args), "T": args.T, "chunk_size": args.chunk_size, "neuron": args.neuron,
+             "max_spikes_per_step": args.max_spikes_per_step, "neuron_options": _neuron_options(args),
+             "threshold_rule": args.threshold_rule, "percentile": args.percentile, "per_channel": args.per_channel,
+             "encoding": args.encoding, "encoding_seed": args.encoding_seed}
+    settings = {key: value for key, value in given.items() if value is not None}
+    ConversionConfig.from_dict(settings)
+    return settings
+
+
+def pruning(args: argparse.Namespace) -> Pruning | None:
+    if args.prune is None:
+        if args.prune_mode or args.prune_finetune_epochs or args.prune_finetune_data:
+            raise UsageError("--prune-mode, --prune-finetune-epochs and --prune-finetune-data need --prune FRACTION")
+        return None
+    finetune_data = None
+    if args.prune_finetune_epochs:
+        if is_distributed():
+            raise UsageError("--prune-finetune-epochs trains in one process: fine-tune without torchrun, or convert "
+                             "a pruned checkpoint")
+        finetune_data = data_spec(args.prune_finetune_data, DEFAULT_TRAINING, "--prune-finetune-data")
+    return Pruning(args.prune, args.prune_mode or PRUNE_MODES[0], args.prune_finetune_epochs or 0, finetune_data)
+
+
+def requested_conversion(args: argparse.Namespace, checkpoint: Path, evaluate: bool = True) -> Conversion:
+    """The conversion of `checkpoint` the arguments ask for, evaluated on --data unless not `evaluate`."""
+    settings = conversion_settings(args)
+    requested_pruning = pruning(args)
+    run = execution(args)
+    data = data_spec(args.data, DEFAULT_EVALUATION, "--data") if evaluate else None
+    calib = data_spec(args.calib, DEFAULT_CALIBRATION, "--calib")
+    return convert_checkpoint(load(args, checkpoint), source=checkpoint, calib=calib, eval=data,
+                              calib_size=args.calib_size, eval_size=args.eval_size, T_list=args.T_list,
+                              recalibrate=bool(args.recalibrate), pruning=requested_pruning,
+                              qbits_budget=args.qbits_budget, execution=run, **settings)

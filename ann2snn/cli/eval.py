@@ -1,0 +1,44 @@
+"""`ann2snn eval DIR-or-CHECKPOINT`: evaluate a saved conversion, or a checkpoint converted in memory."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ann2snn.cli import arguments
+from ann2snn.cli.arguments import DEFAULT_EVALUATION
+from ann2snn.distributed import is_main_process
+from ann2snn.evaluation.report import summary, write_report
+from ann2snn.workflow import evaluate_saved, is_saved_conversion, staged_directory
+
+
+def add_parser(commands: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "eval", parents=parents, help="evaluate an existing conversion",
+        description="Evaluate a conversion directory or snn.pt file (or convert CHECKPOINT in memory first).")
+    parser.add_argument("target", type=Path, metavar="DIR-or-CHECKPOINT")
+    arguments.add_data_argument(parser, DEFAULT_EVALUATION, "evaluation data")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="also write the report files to DIR")
+    parser.set_defaults(handler=run)
+
+
+@arguments.data_parallel
+def run(args: argparse.Namespace) -> int:
+    arguments.check_output_free(args.out, args.force)
+    if is_saved_conversion(args.target):
+        arguments.refuse_conversion_options(args, args.target)
+        document = evaluate_saved(args.target, arguments.data_spec(args.data, DEFAULT_EVALUATION, "--data"),
+                                  eval_size=args.eval_size, T_list=args.T_list, chunk_size=args.chunk_size,
+                                  preprocessing=arguments.preprocessing_overrides(args),
+                                  execution=arguments.execution(args))
+    else:
+        document = arguments.requested_conversion(args, args.target).report
+    if not is_main_process():
+        return 0
+    files: list[str] = []
+    if args.out is not None:
+        with staged_directory(args.out) as staging:
+            files = [path.name for path in write_report(document, staging)]
+    print(summary(document))
+    if args.out is not None:
+        print(f"\nWrote {args.out}/: {', '.join(files)}")
+    return 0

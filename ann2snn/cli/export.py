@@ -1,0 +1,42 @@
+"""`ann2snn export DIR-or-FILE`: ONNX models of a saved conversion."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ann2snn.cli import arguments
+from ann2snn.cli.arguments import UsageError
+from ann2snn.interop.onnx import FILE_NAMES, FORMATS, write_onnx_files
+from ann2snn.io.saved_network import load_saved
+from ann2snn.workflow import saved_network_file
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "export", help="write ONNX models of a conversion",
+        description="Write ONNX models of the conversion in DIR (or of an snn.pt file) beside it: "
+                    + ", ".join(f"{name} ({f})" for f, name in FILE_NAMES.items()) + ".")
+    parser.add_argument("target", type=Path, metavar="DIR-or-FILE")
+    parser.add_argument("--format", choices=(*FORMATS, "all"), default="all",
+                        help="single-step: one step, state in and out; t-step: the whole simulation in a Loop; "
+                             "qann: the quantized ANN (default all)")
+    parser.add_argument("--T", type=arguments.positive_int,
+                        help="time steps of the t-step model (default: the network's T)")
+    parser.add_argument("--image-size", nargs="+", metavar="N",
+                        help="model input size C,H,W (default: from the conversion's metadata)")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="write the files to DIR (default: beside snn.pt)")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    saved_file = saved_network_file(args.target)
+    saved = load_saved(saved_file)
+    image_size = arguments.numbers(args.image_size, int) or saved.metadata.get("preprocessing", {}).get("image_size")
+    if not image_size:
+        raise UsageError(f"{saved_file} records no input size; pass --image-size C,H,W")
+    out = args.out or saved_file.parent
+    out.mkdir(parents=True, exist_ok=True)
+    formats = FORMATS if args.format == "all" else (args.format,)
+    for path in write_onnx_files(saved.snn, out, formats, input_shape=tuple(image_size), T=args.T):
+        print(f"Wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    return 0
