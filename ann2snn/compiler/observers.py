@@ -2,14 +2,11 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
 from ann2snn import distributed
-
-THRESHOLD_RULES = ("max", "percentile", "mse")
-
 
 def range_above(top: float) -> float:
     """The histogram range for a maximum `top`: the smallest power of two above it (0 while only
@@ -86,40 +83,52 @@ class HistogramObserver:
         return (torch.arange(self.bins, dtype=torch.float64, device=self.hist.device) + 0.5) * width
 
     def threshold(self, rule: str, levels: int, percentile: float = 99.99) -> torch.Tensor:
-        """Threshold per layer ([1]) or per channel ([C]) by `rule`."""
+        """Threshold per layer ([1]) or per channel ([C]) by `rule` (see THRESHOLD_RULES)."""
         if self.max is None:
             raise RuntimeError("observer saw no data")
-        if rule == "max":
-            return self.max.clone()
-        if rule == "percentile":
-            return self._percentile(percentile)
-        if rule == "mse":
-            return self._min_mse(levels)
-        raise ValueError(f"unknown threshold rule {rule!r}; choose one of {THRESHOLD_RULES}")
+        if rule not in THRESHOLD_RULES:
+            raise ValueError(f"unknown threshold rule {rule!r}; choose one of {tuple(THRESHOLD_RULES)}")
+        return THRESHOLD_RULES[rule](self, levels, percentile)
 
-    def _percentile(self, percentile: float) -> torch.Tensor:
-        if not 0 < percentile <= 100:
-            raise ValueError(f"percentile must be in (0, 100], got {percentile}")
-        hist = self.positive_histogram()
-        cumulative = hist.cumsum(1)
-        total = cumulative[:, -1:]
-        first_bin = (cumulative < total * (percentile / 100.0)).sum(1)
-        upper_edge = (first_bin + 1).double() * (self.range / self.bins)
-        return torch.minimum(upper_edge.float(), self.max)
 
-    def _min_mse(self, levels: int, candidates: int = 256) -> torch.Tensor:
-        """The threshold that minimises the mean squared quantization error of this layer's output."""
-        hist = self.positive_histogram()
-        centers = self.bin_centers()
-        fractions = torch.arange(1, candidates + 1, dtype=torch.float64, device=hist.device) / candidates
-        best = []
-        for channel_hist, channel_max in zip(hist.split(16), self.max.double().split(16)):
-            thetas = channel_max.unsqueeze(1) * fractions  # [c, K]
-            step = (thetas / levels).clamp_min(1e-30).unsqueeze(2)  # [c, K, 1]
-            quantized = step * torch.clamp(torch.floor(centers / step + 0.5), 0, levels)
-            error = ((quantized - centers) ** 2 * channel_hist.unsqueeze(1)).sum(2)  # [c, K]
-            best.append(thetas.gather(1, error.argmin(1, keepdim=True)).squeeze(1))
-        return torch.cat(best).float()
+def max_threshold(observer: HistogramObserver, levels: int, percentile: float) -> torch.Tensor:
+    """The largest activation seen: nothing clips."""
+    return observer.max.clone()
+
+
+def percentile_threshold(observer: HistogramObserver, levels: int, percentile: float) -> torch.Tensor:
+    """The given percentile of the positive activations (exact to one histogram bin)."""
+    if not 0 < percentile <= 100:
+        raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+    hist = observer.positive_histogram()
+    cumulative = hist.cumsum(1)
+    total = cumulative[:, -1:]
+    first_bin = (cumulative < total * (percentile / 100.0)).sum(1)
+    upper_edge = (first_bin + 1).double() * (observer.range / observer.bins)
+    return torch.minimum(upper_edge.float(), observer.max)
+
+
+def mse_threshold(observer: HistogramObserver, levels: int, percentile: float, candidates: int = 256) -> torch.Tensor:
+    """The threshold that minimises the mean squared quantization error of this layer's output."""
+    hist = observer.positive_histogram()
+    centers = observer.bin_centers()
+    fractions = torch.arange(1, candidates + 1, dtype=torch.float64, device=hist.device) / candidates
+    best = []
+    for channel_hist, channel_max in zip(hist.split(16), observer.max.double().split(16)):
+        thetas = channel_max.unsqueeze(1) * fractions  # [c, K]
+        step = (thetas / levels).clamp_min(1e-30).unsqueeze(2)  # [c, K, 1]
+        quantized = step * torch.clamp(torch.floor(centers / step + 0.5), 0, levels)
+        error = ((quantized - centers) ** 2 * channel_hist.unsqueeze(1)).sum(2)  # [c, K]
+        best.append(thetas.gather(1, error.argmin(1, keepdim=True)).squeeze(1))
+    return torch.cat(best).float()
+
+
+# rule name -> threshold(observer, levels, percentile); adding a rule is one entry
+THRESHOLD_RULES: dict[str, Callable[[HistogramObserver, int, float], torch.Tensor]] = {
+    "max": max_threshold,
+    "percentile": percentile_threshold,
+    "mse": mse_threshold,
+}
 
 
 def all_reduce_observers(observers: Mapping[str, HistogramObserver]) -> None:
@@ -134,7 +143,7 @@ def all_reduce_observers(observers: Mapping[str, HistogramObserver]) -> None:
         if maxima[name] is not None:
             observer.max = maxima[name]
             observer.rebin(range_above(float(observer.max.max())))
-    counts = distributed.reduce_over_processes({name: (observer.hist, observer.zeros) for name, observer in observers.items()},
-                                   "sum")
+    counts = distributed.reduce_over_processes(
+        {name: (observer.hist, observer.zeros) for name, observer in observers.items()}, "sum")
     for name, observer in observers.items():
         observer.hist, observer.zeros = counts[name]

@@ -215,7 +215,7 @@ def conversion_settings(draw) -> dict:
         "qbits": draw(st.integers(1, 8)),
         "T": draw(st.integers(1, 12)),
         "neuron": neuron,
-        "threshold_rule": draw(st.sampled_from(THRESHOLD_RULES)),
+        "threshold_rule": draw(st.sampled_from(tuple(THRESHOLD_RULES))),
         "percentile": draw(st.floats(90.0, 100.0)),
         "per_channel": draw(st.booleans()),
         "max_spikes_per_step": draw(st.integers(1, 3)),

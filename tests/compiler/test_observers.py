@@ -4,8 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
-from ann2snn.compiler.observers import HistogramObserver, range_above
+import ann2snn
+from ann2snn.compiler.observers import THRESHOLD_RULES, HistogramObserver, range_above
 
 
 def reference_histogram(values: torch.Tensor, value_range: float, bins: int) -> torch.Tensor:
@@ -193,3 +195,22 @@ def test_rebin_only_widens_to_powers_of_two() -> None:
             observer.rebin(bad)
     observer.rebin(8.0)
     assert observer.range == 8.0 and observer.hist[0].tolist() == [1, 1, 0, 0, 0, 0, 0, 0]  # 0.5 and 1.5, width 1
+
+
+def test_threshold_rules_are_a_table_of_functions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each rule is one entry, called with the observer, the levels and the percentile; the names are what
+    callers list and validate against."""
+    assert sorted(THRESHOLD_RULES) == ["max", "mse", "percentile"] and "mse" in THRESHOLD_RULES
+    observer = HistogramObserver(per_channel=True)
+    observer.update(torch.rand(16, 3, 4, 4))
+    for rule, threshold in THRESHOLD_RULES.items():
+        torch.testing.assert_close(observer.threshold(rule, 7, 99.0), threshold(observer, 7, 99.0))
+    calls = []
+    monkeypatch.setitem(THRESHOLD_RULES, "half_max",
+                        lambda observed, levels, percentile: calls.append((levels, percentile)) or observed.max / 2)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    calibration = [torch.rand(8, 3, 6, 6)]
+    halved = ann2snn.quantize(model, calibration, qbits=3, threshold_rule="half_max")
+    largest = ann2snn.quantize(model, calibration, qbits=3, threshold_rule="max")
+    assert calls == [(7, 99.99)]
+    torch.testing.assert_close(halved.get_submodule("1").theta, largest.get_submodule("1").theta / 2)
