@@ -35,11 +35,11 @@ from tqdm import tqdm
 from ann2snn.io.batches import device_of, model_inputs
 from ann2snn.distributed import reduce_over_processes, require_on_every_process
 from ann2snn.compiler.quantizer import ClippedReLU, QCFSQuantizer
-from ann2snn.compiler.passes.emit_neurons import spike_value
 from ann2snn.compiler.qbits import quantizer_bits
 from ann2snn.evaluation.report import save_figure, text_table
 from ann2snn.io.atomic import atomic_write
 from ann2snn.runtime.network import SpikingNetwork, check_steps
+from ann2snn.runtime.neuron_kinds import neuron_kind
 
 ANALYSIS_FORMAT = "ann2snn-analysis"
 ANALYSIS_VERSION = 1
@@ -181,8 +181,7 @@ def analyze(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] | 
     scatter: dict[str, list[torch.Tensor]] = {name: [] for name in quantizers}
     spike_totals: dict[str, torch.Tensor] = {}
     clipped: dict[str, torch.Tensor] = {}
-    rate = snn.coding == "rate"
-    kind = snn.config.get("neuron", "signed" if not rate else "if")
+    kind = neuron_kind(snn.config.get("neuron", "signed" if snn.coding.inject_once else "if"))
 
     def record_spikes(name: str, neuron: nn.Module, spikes: torch.Tensor) -> None:
         steps, t0 = neuron.steps, neuron.t0
@@ -193,12 +192,13 @@ def analyze(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] | 
         a = ann_activations.values[name].reshape(batch, -1).double()
         q = qann_activations.values[name].reshape(batch, -1).double()
         # (not the neuron's threshold: balancing may have rescaled its input, see balance_thresholds)
-        value = spike_value(quantizers[name], kind).double().expand(ann_activations.values[name].shape).reshape(batch, -1)
+        value = kind.spike_value(quantizers[name].theta, quantizers[name].levels).double()
+        value = value.expand(ann_activations.values[name].shape).reshape(batch, -1)
         for T in T_list:
             if not t0 < T <= t0 + steps:
                 continue
             counts = before + sequence[:T - t0].sum(0, dtype=torch.float64)
-            s = counts * value / (T if rate else 1)
+            s = snn.coding.read_out(counts * value, T)
             stats = sums[name].per_T[T]
             stats["s"] += _sum(s)
             stats["s2"] += _sum(s * s)
@@ -263,7 +263,7 @@ def analyze(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] | 
                                          tree["per_T"][T]["as"]) for T in T_list},
             scatter={"ann": points[0].tolist(), "snn": points[1].tolist()}))
     config = {key: snn.config[key] for key in ("neuron", "qbits", "threshold_rule", "per_channel") if key in snn.config}
-    return Analysis(images=images, T_list=T_list, scatter_T=scatter_T, config={**config, "coding": snn.coding},
+    return Analysis(images=images, T_list=T_list, scatter_T=scatter_T, config={**config, "coding": snn.coding.name},
                     layers=layers)
 
 

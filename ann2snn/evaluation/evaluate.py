@@ -291,7 +291,7 @@ def evaluate(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] |
     # The static prefix runs once per image on the analog input; a rate-coded network receives that
     # input again at every step, an accumulate-coded one only once.
     prefix_macs = float(prefix_ops.multiply_accumulates.sum()) / images
-    prefix_runs = {T: (T if snn.coding == "rate" else 1) for T in T_list}
+    prefix_runs = {T: snn.coding.prefix_runs(T) for T in T_list}
     synops = body_ops.accumulates.cumsum(0) / images
     body_macs = body_ops.multiply_accumulates.cumsum(0) / images
     return EvaluationReport(
@@ -306,7 +306,7 @@ def evaluate(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] |
         synops_per_image={T: float(synops[T - 1]) for T in T_list},
         snn_macs_per_image={T: prefix_macs * prefix_runs[T] + float(body_macs[T - 1]) for T in T_list},
         ann_macs_per_image=float(ann_macs.sum()) / images if ann_macs is not None else None,
-        config={**snn.config, "coding": snn.coding, "T_list": T_list},
+        config={**snn.config, "coding": snn.coding.name, "T_list": T_list},
         timing={
             "wall_s": wall_seconds,
             "images_per_s": images / wall_seconds,

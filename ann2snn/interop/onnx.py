@@ -6,8 +6,9 @@
   contribution `output`, `t.next` and each state's new value `<state>.next`, to be fed back as `<state>`
   at the next step. At `t = 0` the model ignores the state inputs and starts from the initial state
   (membranes at `initial_membrane * v_threshold`, counters at zero), so the first call may pass zeros.
-- `t-step`: the whole simulation of `snn(x)` inside the graph, an ONNX `Loop` of T steps. Outputs are `output` (the time average for rate coding, the sum for accumulate
-  coding, as `snn(x)` returns) and every neuron layer's spike count per sample `<layer>.spike_count`.
+- `t-step`: the whole simulation of `snn(x)` inside the graph, an ONNX `Loop` of T steps. Outputs are
+  `output` (the time average for rate coding, the sum for accumulate coding, as `snn(x)` returns) and
+  every neuron layer's spike count per sample `<layer>.spike_count`.
 - `qann`: the quantized ANN the SNN reproduces, as a plain feed-forward model.
 
 Every model uses standard ONNX operators only (opset 18), passes `onnx.checker` with `full_check`, and
@@ -15,17 +16,21 @@ has static shapes except the batch dimension.
 
 How: one time step of the network (static prefix, then spiking body) is written as a functional
 torch module, state in and state out (`_FunctionalStep` runs the FX graphs and calls each temporal
-module through a small step handler that reuses the module's own code, e.g. a neuron's `fire`), and
-traced by the current torch.onnx exporter (`dynamo=True`: torch.export, then onnxscript). That graph is
-the single-step model; with `onnx.helper` it also becomes the body of the T-step model's `Loop`, which
-feeds it the image at every step (rate coding) or at step 0 only (accumulate coding). So the static
+module's declared state and step, `initial_state` and `single_step_forward`: see
+`ann2snn.runtime.layers.TemporalModule`), and traced by the current torch.onnx exporter (`dynamo=True`:
+torch.export, then onnxscript). The same trace also makes the frame the network's coding gives a static
+image at step t (`Coding.frame`: the image at every step, or at step 0 only). That graph without the
+frame is the single-step model; with `onnx.helper` it also becomes the body of the T-step model's
+`Loop`, which feeds the step that frame of the image, and the Loop's sum is read out as the coding says
+(a time average or the sum). So the static
 prefix is recomputed at every step instead of once as `snn(x)` does: about 1 % of ResNet-20's work
 (its first convolution), for one trace instead of two.
 
 Why this way: torch.onnx covers every synaptic op the compiler accepts (convolutions, pooling,
 padding, slicing, reshapes on a symbolic batch size) with standard operators, and since the neuron
 dynamics are traced from the very code `snn.step` runs, the graph performs the same elementwise float
-operations in the same order (only a runtime's convolution kernels may sum in another order); an FX-to-ONNX builder of our own would re-implement all of that. torch.export cannot
+operations in the same order (only a runtime's convolution kernels may sum in another order); an
+FX-to-ONNX builder of our own would re-implement all of that. torch.export cannot
 express a loop over stateful steps, which ONNX's `Loop` does in a few nodes, and which keeps the T-step
 file the size of the single-step one whatever T is (an unrolled graph grows with T). The legacy
 TorchScript exporter (`dynamo=False`) is deprecated and not used.
@@ -45,11 +50,10 @@ import torch.fx as fx
 import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 
-from ann2snn.runtime.encoding import InputEncoder
 from ann2snn.errors import ConversionError, describe_node
-from ann2snn.runtime.layers import AddBias, SpikingMaxPool, TemporalModule
-from ann2snn.runtime.neurons import SpikingNeuron
 from ann2snn.io.atomic import atomic_write
+from ann2snn.runtime.coding import Coding
+from ann2snn.runtime.layers import TemporalModule, declares_step
 from ann2snn.runtime.network import SpikingNetwork, check_steps
 
 FORMATS = ("single-step", "t-step", "qann")
@@ -58,70 +62,34 @@ OPSET = 18
 INPUT, OUTPUT, STEP = "input", "output", "t"
 NEXT = ".next"
 
+# the static image of the T-step model, and the step's input frame made of it (see `_Step`)
+IMAGE, FRAME = "image", "frame"
+
 State = dict[str, torch.Tensor]
-StepHandler = Callable[[nn.Module, torch.Tensor, "State | None", torch.Tensor], tuple[torch.Tensor, State]]
 
 
-def _neuron_step(neuron: SpikingNeuron, current: torch.Tensor, state: State | None,
+def _module_step(module: TemporalModule, x: torch.Tensor, state: State | None,
                  t: torch.Tensor) -> tuple[torch.Tensor, State]:
-    first = t == 0
-    neuron.reset()
-    neuron.init_state(current)
-    membrane = neuron.state_names()
+    """One step of a temporal module as a function: its declared state loaded from `state` (the declared
+    initial state at t = 0, or when `state` is None, at the first step of a layout run), its declared step
+    (`single_step_forward`), and the state it leaves."""
+    initial = module.initial_state(x)
     if state is not None:
-        for name in membrane:
-            setattr(neuron, name, torch.where(first, getattr(neuron, name), state[name]))
-    output, spikes = neuron.fire(current)
-    fired = spikes.abs().flatten(1).sum(1)
-    new = {name: getattr(neuron, name) for name in membrane}
-    new["spike_count"] = fired if state is None else torch.where(first, fired, state["spike_count"] + fired)
-    neuron.reset()
-    return output, new
-
-
-def _bias_step(bias: AddBias, x: torch.Tensor, state: State | None, t: torch.Tensor) -> tuple[torch.Tensor, State]:
-    with_bias = x + bias.shaped_bias(x.ndim)
-    return (torch.where(t == 0, with_bias, x) if bias.once else with_bias), {}
-
-
-def _max_pool_step(pool: SpikingMaxPool, x: torch.Tensor, state: State | None,
-                   t: torch.Tensor) -> tuple[torch.Tensor, State]:
-    # One step of SpikingMaxPool.forward: pool the running sum, emit the change of the pooled maximum.
-    first = t == 0
-    running_sum = x if state is None else torch.where(first, x, x + state["running_sum"])
-    pooled = pool.pool(running_sum)
-    out = pooled if state is None else torch.where(first, pooled, pooled - state["running_max"])
-    return out, {"running_sum": running_sum, "running_max": pooled}
-
-
-def _encoder_step(encoder: InputEncoder, x: torch.Tensor, state: State | None,
-                  t: torch.Tensor) -> tuple[torch.Tensor, State]:
-    return encoder.encode(x, t.expand(x.shape[0])), {}
-
-
-STEP_HANDLERS: dict[type, StepHandler] = {
-    SpikingNeuron: _neuron_step,
-    AddBias: _bias_step,
-    SpikingMaxPool: _max_pool_step,
-    InputEncoder: _encoder_step,
-}
-"""One time step of each kind of temporal module, functional: (module, input, previous state or None at
-the first step of a layout run, the step index t as an int64 scalar tensor) -> (output, new state).
-Looked up along the module's class hierarchy; other modules run as they are."""
-
-
-def _handler(handlers: dict[type, StepHandler], module: nn.Module) -> StepHandler | None:
-    return next((handlers[kind] for kind in type(module).__mro__ if kind in handlers), None)
+        initial = {name: torch.where(t == 0, value, state[name]) for name, value in initial.items()}
+    module.load_state(initial)
+    try:
+        return module.single_step_forward(x, t), module.state()
+    finally:
+        module.reset()
 
 
 class _FunctionalStep(fx.Interpreter):
     """Runs one time step of a spiking graph with the state of its temporal modules passed in
     (`states`, keyed by module path, None for the initial state) and collected in `new_states`."""
 
-    def __init__(self, gm: fx.GraphModule, handlers: dict[type, StepHandler], t: torch.Tensor,
-                 states: dict[str, State] | None):
+    def __init__(self, gm: fx.GraphModule, t: torch.Tensor, states: dict[str, State] | None):
         super().__init__(gm)
-        self.handlers, self.t, self.states = handlers, t, states
+        self.t, self.states = t, states
         self.new_states: dict[str, State] = {}
         self.node: fx.Node | None = None
 
@@ -133,34 +101,38 @@ class _FunctionalStep(fx.Interpreter):
         module = self.fetch_attr(target)
         if not isinstance(module, TemporalModule):
             return super().call_module(target, args, kwargs)
-        handler = _handler(self.handlers, module)
-        if handler is None:
-            raise ConversionError(f"cannot export {describe_node(self.module, self.node)} to ONNX: no step handler "
-                                  f"for {type(module).__name__} (known: {', '.join(k.__name__ for k in self.handlers)})")
+        if not declares_step(module):
+            raise ConversionError(f"cannot export {describe_node(self.module, self.node)} to ONNX: no step handler: "
+                                  f"{type(module).__name__} declares no single_step_forward")
         if target in self.new_states:
             raise ConversionError(f"cannot export {describe_node(self.module, self.node)} to ONNX: the stateful module "
                                   f"'{target}' is called more than once, so its state is ambiguous")
-        out, new = handler(module, *args, None if self.states is None else self.states.get(target, {}), self.t)
+        out, new = _module_step(module, *args, None if self.states is None else self.states.get(target, {}), self.t)
         if new:
             self.new_states[target] = new
         return out
 
 
 class _Step(nn.Module):
-    """One time step of the whole network, functional: (frame, t, states) -> (output, new states), the
-    states flat in the order of `layout` ((module path, state names) pairs)."""
+    """One time step of the whole network, functional: (frame, t, states, image) -> (output, new states,
+    image frame), the states flat in the order of `layout` ((module path, state names) pairs). The image
+    frame is what the network's coding makes of a static image at step t (`Coding.frame`): the T-step
+    model feeds it to the step; the single-step model, whose input is the frame, leaves it out."""
 
-    def __init__(self, snn: SpikingNetwork, handlers: dict[type, StepHandler], layout: list[tuple[str, list[str]]]):
+    def __init__(self, snn: SpikingNetwork, layout: list[tuple[str, list[str]]]):
         super().__init__()
-        self.prefix, self.body, self.handlers, self.layout = snn.prefix, snn.body, handlers, layout
+        self.prefix, self.body, self.coding, self.layout = snn.prefix, snn.body, snn.coding, layout
 
-    def forward(self, frame: torch.Tensor, t: torch.Tensor, states: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    def forward(self, frame: torch.Tensor, t: torch.Tensor, states: tuple[torch.Tensor, ...],
+                image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        image_frame = self.coding.frame(image, t)
         flat = iter(states)
         nested = {target: {name: next(flat) for name in names} for target, names in self.layout}
-        static = _FunctionalStep(self.prefix, self.handlers, t, nested).run(frame)
-        body = _FunctionalStep(self.body, self.handlers, t, nested)
+        static = _FunctionalStep(self.prefix, t, nested).run(frame)
+        body = _FunctionalStep(self.body, t, nested)
         out = body.run(*static)
-        return (out, *(body.new_states[target][name] for target, names in self.layout for name in names))
+        return (out, *(body.new_states[target][name] for target, names in self.layout for name in names),
+                image_frame)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -205,10 +177,10 @@ class _TracedStep:
     """One step of a network traced to ONNX (`model`: inputs input, t and the states; outputs output and
     the new states), with what assembling the exported models needs to know about it."""
 
-    def __init__(self, snn: SpikingNetwork, example: torch.Tensor, handlers: dict[type, StepHandler], opset: int):
+    def __init__(self, snn: SpikingNetwork, example: torch.Tensor, opset: int):
         t = torch.tensor(0)
-        layout_run = _FunctionalStep(snn.body, handlers, t, None)
-        output = layout_run.run(*_FunctionalStep(snn.prefix, handlers, t, None).run(example))
+        layout_run = _FunctionalStep(snn.body, t, None)
+        output = layout_run.run(*_FunctionalStep(snn.prefix, t, None).run(example))
         if not isinstance(output, torch.Tensor):
             raise ConversionError(f"cannot export to ONNX: the network returns a {type(output).__name__}, "
                                   "not one tensor")
@@ -219,9 +191,11 @@ class _TracedStep:
         self.state_shapes = [tuple(tensor.shape[1:]) for tensor in initial]
         self.output_shape = tuple(output.shape[1:])
         self.dtype = helper.np_dtype_to_tensor_dtype(np.dtype(str(example.dtype).removeprefix("torch.")))
-        self.model = _torch_export(_Step(snn, handlers, layout), (example, t, initial),
-                                   [INPUT, STEP, *self.state_names], [OUTPUT, *(n + NEXT for n in self.state_names)],
-                                   (_batch_dynamic([example])[0], {}, _batch_dynamic(initial)), opset, "spiking step")
+        batch = _batch_dynamic([example])[0]
+        self.model = _torch_export(_Step(snn, layout), (example, t, initial, example.clone()),
+                                   [INPUT, STEP, *self.state_names, IMAGE],
+                                   [OUTPUT, *(n + NEXT for n in self.state_names), FRAME],
+                                   (batch, {}, _batch_dynamic(initial), batch), opset, "spiking step")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -250,6 +224,65 @@ def _renamed(graph: onnx.GraphProto, rename: Callable[[str], str]) -> onnx.Graph
     return graph
 
 
+def _node_inputs(node: onnx.NodeProto) -> set[str]:
+    """The values a node reads, those its subgraphs read from the enclosing scopes included."""
+    names = {name for name in node.input if name}
+    for attribute in node.attribute:
+        for subgraph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+            for inner in subgraph.node:
+                names |= _node_inputs(inner)
+    return names
+
+
+def _ordered(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """`nodes` in an order where every value is made before it is read (topological, stable)."""
+    made_by = {name: node for node in nodes for name in node.output}
+    done: set[int] = set()
+    order: list[onnx.NodeProto] = []
+
+    def visit(node: onnx.NodeProto) -> None:
+        stack = [(node, iter(sorted(_node_inputs(node))))]
+        while stack:
+            current, pending = stack[-1]
+            for name in pending:
+                producer = made_by.get(name)
+                if producer is not None and id(producer) not in done:
+                    stack.append((producer, iter(sorted(_node_inputs(producer)))))
+                    break
+            else:
+                stack.pop()
+                if id(current) not in done:
+                    done.add(id(current))
+                    order.append(current)
+
+    for node in nodes:
+        visit(node)
+    return order
+
+
+def _without(graph: onnx.GraphProto, inputs: set[str], outputs: set[str]) -> onnx.GraphProto:
+    """A copy of `graph` without these inputs and outputs, and without the nodes and initializers only
+    they needed."""
+    graph = copy.deepcopy(graph)
+    kept_outputs = [value for value in graph.output if value.name not in outputs]
+    needed = {value.name for value in kept_outputs}
+    kept_nodes = []
+    for node in reversed(list(graph.node)):
+        if needed & set(node.output):
+            kept_nodes.append(node)
+            needed |= _node_inputs(node)
+    if needed & inputs:
+        raise ValueError(f"the graph's remaining outputs read {sorted(needed & inputs)}")
+    kept_initializers = [tensor for tensor in graph.initializer if tensor.name in needed]
+    kept_inputs = [value for value in graph.input if value.name not in inputs]
+    kept_info = [value for value in graph.value_info if value.name in needed]
+    for field, kept in (("node", kept_nodes[::-1]), ("output", kept_outputs), ("initializer", kept_initializers),
+                        ("input", kept_inputs), ("value_info", kept_info)):
+        graph.ClearField(field)
+        getattr(graph, field).extend(kept)
+    return graph
+
+
 def _value_info(graph: onnx.GraphProto, name: str, as_name: str | None = None) -> onnx.ValueInfoProto:
     info = copy.deepcopy(next(v for v in [*graph.input, *graph.output] if v.name == name))
     info.name = as_name or name
@@ -271,7 +304,7 @@ def _model(graph: onnx.GraphProto, template: onnx.ModelProto, metadata: dict[str
 
 
 def _single_step_model(step: _TracedStep, metadata: dict[str, Any]) -> onnx.ModelProto:
-    graph = copy.deepcopy(step.model.graph)
+    graph = _without(step.model.graph, {IMAGE}, {FRAME})
     graph.name = "snn_single_step"
     graph.node.append(helper.make_node("Add", [STEP, "snn/one"], [STEP + NEXT]))
     graph.initializer.append(_constant("snn/one", 1, np.int64))
@@ -281,17 +314,14 @@ def _single_step_model(step: _TracedStep, metadata: dict[str, Any]) -> onnx.Mode
     return _model(graph, step.model, {**metadata, "format": "single-step", "states": step.state_names}, doc)
 
 
-def _t_step_model(step: _TracedStep, T: int, coding: str, metadata: dict[str, Any]) -> onnx.ModelProto:
+def _t_step_model(step: _TracedStep, T: int, coding: Coding, metadata: dict[str, Any]) -> onnx.ModelProto:
     dtype, np_dtype = step.dtype, helper.tensor_dtype_to_np_dtype(step.dtype)
-    encode = coding == "accumulate"  # the image is injected at step 0 only: zero frames follow
-    # The step becomes the Loop body, its names under "step/"; it reads the image from the outer graph.
-    body = _renamed(step.model.graph, lambda name: name if name == INPUT and not encode else f"step/{name}")
+    # The step becomes the Loop body, its names under "step/": it reads the image from the outer graph and
+    # feeds the step the frame its coding makes of it.
+    renames = {IMAGE: INPUT, INPUT: f"step/{FRAME}"}
+    body = _renamed(step.model.graph, lambda name: renames.get(name, f"step/{name}"))
     states = [f"step/{name}" for name in step.state_names]
-    loop_nodes = []
-    if encode:
-        loop_nodes += [helper.make_node("Equal", ["step/t", "snn/zero_step"], ["step/first"]),
-                       helper.make_node("Where", ["step/first", INPUT, "snn/zero"], [f"step/{INPUT}"])]
-    loop_nodes += [*body.node,
+    loop_nodes = [*_ordered(list(body.node)),
                    helper.make_node("Add", ["step/output_sum", f"step/{OUTPUT}"], ["step/output_sum.next"]),
                    helper.make_node("Identity", ["step/cond"], ["step/cond.next"])]
     loop_body = helper.make_graph(
@@ -308,8 +338,6 @@ def _t_step_model(step: _TracedStep, T: int, coding: str, metadata: dict[str, An
     # the step's weights stay in the outer graph, which a Loop body may read.
     nodes = [helper.make_node("Shape", [INPUT], ["snn/batch"], start=0, end=1)]
     initializers = [*body.initializer, _constant("snn/T", T, np.int64)]
-    if encode:
-        initializers += [_constant("snn/zero", 0, np_dtype), _constant("snn/zero_step", 0, np.int64)]
     zeros: dict[tuple[int, ...], str] = {}
     for shape in [*step.state_shapes, step.output_shape]:
         if shape not in zeros:
@@ -322,7 +350,7 @@ def _t_step_model(step: _TracedStep, T: int, coding: str, metadata: dict[str, An
     nodes.append(helper.make_node(
         "Loop", ["snn/T", "", *(zeros[shape] for shape in step.state_shapes), zeros[step.output_shape]],
         [*final, "snn/output_sum"], body=loop_body))
-    if coding == "rate":
+    if coding.averages:
         initializers.append(_constant("snn/T_float", T, np_dtype))
         nodes.append(helper.make_node("Div", ["snn/output_sum", "snn/T_float"], [OUTPUT]))
     else:
@@ -333,7 +361,7 @@ def _t_step_model(step: _TracedStep, T: int, coding: str, metadata: dict[str, An
          *(_value_info(body, f"step/{name}", name) for name in step.spike_counts)],
         initializers)
     doc = (f"{T} time steps on a static input: '{OUTPUT}' is the network output ("
-           f"{'time average' if coding == 'rate' else 'sum over time'}), '<layer>.spike_count' the spikes per sample.")
+           f"{coding.output_meaning}), '<layer>.spike_count' the spikes per sample.")
     return _model(graph, step.model, {**metadata, "format": "t-step", "T": str(T)}, doc)
 
 
@@ -354,13 +382,12 @@ def _qann_model(snn: SpikingNetwork, example: torch.Tensor, opset: int, metadata
 
 
 def onnx_models(snn: SpikingNetwork, formats=FORMATS, *, input_shape: tuple[int, ...] | None = None,
-                T: int | None = None, opset: int = OPSET,
-                handlers: dict[type, StepHandler] = STEP_HANDLERS) -> dict[str, onnx.ModelProto]:
+                T: int | None = None, opset: int = OPSET) -> dict[str, onnx.ModelProto]:
     """The ONNX models of `snn` in each of `formats` (see the module docstring), checked by onnx.checker.
 
     `input_shape` is the per-sample input shape (C, H, W); by default the one recorded when the model
     was converted (a network reloaded from a file has none: pass it). `T` is the T-step model's number
-    of steps (default `snn.T`). `handlers` maps temporal module types to their functional step."""
+    of steps (default `snn.T`)."""
     if not isinstance(snn, SpikingNetwork):
         raise TypeError(f"expected a SpikingNetwork, got {type(snn).__name__}")
     unknown = [f for f in formats if f not in FORMATS]
@@ -377,10 +404,10 @@ def onnx_models(snn: SpikingNetwork, formats=FORMATS, *, input_shape: tuple[int,
     network = copy.deepcopy(snn).cpu().eval()  # tracing drives the neurons; the caller's state stays as it was
     network.reset()
     example = torch.zeros((2, *input_shape), dtype=_dtype(network))  # batch 2: torch.export fixes a batch of 1
-    metadata = {"coding": network.coding, "config": network.config}
+    metadata = {"coding": network.coding.name, "config": network.config}
     models = {}
     if {"single-step", "t-step"} & set(formats):
-        step = _TracedStep(network, example, handlers, opset)
+        step = _TracedStep(network, example, opset)
         if "single-step" in formats:
             models["single-step"] = _single_step_model(step, metadata)
         if "t-step" in formats:
@@ -399,7 +426,7 @@ def save_onnx(model: onnx.ModelProto, path: str | Path) -> Path:
 
 def export_onnx(snn: SpikingNetwork, path: str | Path, format: str = "t-step", **options) -> Path:
     """Write `snn` as an ONNX model in `format` ('t-step', 'single-step' or 'qann') to `path`.
-    `options` are those of `onnx_models` (input_shape, T, opset, handlers)."""
+    `options` are those of `onnx_models` (input_shape, T, opset)."""
     return save_onnx(onnx_models(snn, (format,), **options)[format], path)
 
 

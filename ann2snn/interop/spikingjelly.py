@@ -8,7 +8,8 @@ the outputs is what `snn(x)` returns). The network keeps our graph, so every op 
 (functional pads, slicing shortcuts, ReLU6 bounds): stateless ops run on time folded into the batch
 (step mode 'm' unfolds only around the stateful modules), neurons are SpikingJelly's
 `HalfThresholdIFNode` (or `IFNode` with soft reset when the membrane starts at 0) behind a scaling by
-1 / v_threshold, and exact max pooling a SpikingJelly `MemoryModule`.
+1 / v_threshold, and our other temporal modules (exact max pooling, bias injection, spike encoders) a
+SpikingJelly `MemoryModule` running their declared state and step.
 
 `from_spikingjelly(net, T)`: a network converted by SpikingJelly's `Converter` (rate coding; IF neurons
 between voltage scalers, as its `RateCodingRecipe` makes them) as our `SpikingNetwork`, which simulates
@@ -28,13 +29,14 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ann2snn.errors import ConversionError, describe_node
 from ann2snn.compiler.graph_utils import finalize
-from ann2snn.runtime.layers import AddBias, Scale, SpikingMaxPool, TemporalModule
-from ann2snn.runtime.neurons import IFNeuron, SpikingNeuron
-from ann2snn.compiler.passes import balance_thresholds
 from ann2snn.compiler.pass_manager import run_passes
+from ann2snn.compiler.passes import balance_thresholds
+from ann2snn.errors import ConversionError, describe_node
+from ann2snn.runtime.coding import RATE
+from ann2snn.runtime.layers import Scale, TemporalModule, declares_step
 from ann2snn.runtime.network import SpikingNetwork
+from ann2snn.runtime.neurons import IFNeuron, SpikingNeuron
 
 
 def _import(module: str) -> Any:
@@ -87,31 +89,42 @@ class _TimeFolded(nn.Module):
         return self.module(x.unflatten(0, (self.time_steps, -1))).flatten(0, 1)
 
 
-def _spikingjelly_max_pool(pool: nn.Module) -> nn.Module:
+def _spikingjelly_memory(module: TemporalModule) -> nn.Module:
     base = _import("base")
 
-    class SpikingJellyMaxPool(base.MemoryModule):
-        """Our exact max pooling of spike trains (see `ann2snn.runtime.layers.SpikingMaxPool`) as a SpikingJelly
-        memory module: it pools the running sum of its input and emits the change of the pooled maximum."""
+    class SpikingJellyMemory(base.MemoryModule):
+        """One of our temporal modules (see `ann2snn.runtime.layers.TemporalModule`) as a SpikingJelly
+        memory module: its declared state as memories, beside the step index `t`, and its declared step as
+        `single_step_forward` (step mode 'm' runs the module's multi-step update, held to that step)."""
 
-        def __init__(self, pool: nn.Module):
+        def __init__(self, module: TemporalModule):
             super().__init__()
-            self.pool = pool
-            self.register_memory("running_sum", 0.0)
-            self.register_memory("running_max", 0.0)
+            self.module = module
+            self.register_memory("t", 0)
+            for name in module.state_names:
+                self.register_memory(name, None)
             self.step_mode = "s"
 
-        def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
-            self.running_sum = self.running_sum + x
-            pooled = self.pool(self.running_sum)
-            out = pooled - self.running_max
-            self.running_max = pooled
+        def _run(self, first_input: torch.Tensor, steps: int, update) -> torch.Tensor:
+            names = self.module.state_names
+            self.module.load_state(self.module.initial_state(first_input) if self.t == 0
+                                   else {name: getattr(self, name) for name in names})
+            try:
+                out = update()
+                for name, value in self.module.state().items():
+                    setattr(self, name, value)
+            finally:
+                self.module.reset()
+            self.t += steps
             return out
 
-        def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
-            return torch.stack([self.single_step_forward(x) for x in x_seq])
+        def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self._run(x, 1, lambda: self.module.single_step_forward(x, self.t))
 
-    return SpikingJellyMaxPool(copy.deepcopy(pool))
+        def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
+            return self._run(x_seq[0], x_seq.shape[0], lambda: self.module.multi_step_forward(x_seq, self.t))
+
+    return SpikingJellyMemory(copy.deepcopy(module))
 
 
 def _spikingjelly_neuron(gm: fx.GraphModule, node: fx.Node, neuron: SpikingNeuron) -> nn.Module:
@@ -164,7 +177,7 @@ def _network(graph: fx.GraphModule, T: int, config: dict) -> nn.Module:
 
 def to_spikingjelly(snn: SpikingNetwork) -> nn.Module:
     """`snn` (rate-coded IF neurons) built from SpikingJelly modules; see the module docstring."""
-    if snn.coding != "rate":
+    if snn.coding.inject_once:
         raise ConversionError(f"to_spikingjelly takes rate-coded networks; this one uses {snn.coding} coding "
                               f"(neuron={snn.config.get('neuron')!r}), which SpikingJelly's neurons do not implement")
     gm = _merged_graph(snn)
@@ -173,11 +186,11 @@ def to_spikingjelly(snn: SpikingNetwork) -> nn.Module:
         if isinstance(module, SpikingNeuron):
             reciprocal = Scale(1.0 / module.v_threshold)
             _replace(gm, node, [("scaler", reciprocal), ("node", _TimeFolded(_spikingjelly_neuron(gm, node, module)))])
-        elif isinstance(module, SpikingMaxPool):
-            _replace(gm, node, [("memory", _TimeFolded(_spikingjelly_max_pool(module.pool)))])
-        elif isinstance(module, TemporalModule) and not (isinstance(module, AddBias) and not module.once):
-            raise ConversionError(f"{describe_node(gm, node)}: {type(module).__name__} has no SpikingJelly "
-                                  f"counterpart")
+        elif isinstance(module, TemporalModule):
+            if not declares_step(module):
+                raise ConversionError(f"{describe_node(gm, node)}: {type(module).__name__} has no SpikingJelly "
+                                      f"counterpart (it declares no single_step_forward)")
+            _replace(gm, node, [("memory", _TimeFolded(_spikingjelly_memory(module)))])
     return _network(finalize(gm), snn.T, dict(snn.config))
 
 
@@ -259,7 +272,8 @@ def from_spikingjelly(net: nn.Module, T: int, example: torch.Tensor | None = Non
                                   f"rate-coded conversion uses soft reset (v_reset=None)")
         source = node.args[0]
         scale = torch.tensor(1.0)
-        if source.op == "call_module" and isinstance(gm.get_submodule(source.target), scalers) and len(source.users) == 1:
+        if source.op == "call_module" and isinstance(gm.get_submodule(source.target), scalers) \
+                and len(source.users) == 1:
             scale = _scale_of(gm.get_submodule(source.target), gm, source)
             node.replace_input_with(source, source.args[0])
         initial = 0.5 if isinstance(module, sj_neuron.HalfThresholdIFNode) else 0.0
@@ -279,4 +293,4 @@ def from_spikingjelly(net: nn.Module, T: int, example: torch.Tensor | None = Non
     # SpikingJelly scales every spike train back by its threshold: folded into the next weights, the layers
     # receive plain spikes, as in our conversions (the counts of synaptic operations then see events)
     balanced = run_passes(finalize(gm), balance_thresholds)
-    return SpikingNetwork(balanced, T, "rate", config={"T": T, "neuron": "if", "source": "spikingjelly"})
+    return SpikingNetwork(balanced, T, RATE, config={"T": T, "neuron": "if", "source": "spikingjelly"})

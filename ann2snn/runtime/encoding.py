@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from ann2snn.runtime.coding import Coding, Step
+from ann2snn.runtime.coding import coding as coding_named
 from ann2snn.runtime.layers import TemporalModule, channel_shaped
 
 ENCODINGS = ("direct", "poisson", "regular")
@@ -28,11 +30,11 @@ _MASK32 = 0xFFFFFFFF
 _INTENSITY_LEVELS = 1 << 24
 
 
-def check_encoding(encoding: str, coding: str | None = None, neuron: str | None = None) -> None:
-    """Refuse an unknown encoding, or a spike encoding for a network that is not rate-coded."""
+def check_encoding(encoding: str, coding: Coding | str | None = None, neuron: str | None = None) -> None:
+    """Refuse an unknown encoding, or a spike encoding for a network whose input arrives once."""
     if encoding not in ENCODINGS:
         raise ValueError(f"unknown encoding {encoding!r}; choose one of {ENCODINGS}")
-    if encoding in SPIKE_ENCODINGS and coding == "accumulate":
+    if encoding in SPIKE_ENCODINGS and coding is not None and coding_named(coding).inject_once:
         raise ValueError(f"encoding {encoding!r} needs rate-coded neurons, but neuron={neuron!r} uses accumulate "
                          "coding (the input is injected once, at step 0, so there is no spike train to encode); "
                          "use encoding='direct' with it, or neuron='signed-rate' (or 'if', 'lif', 'adaptive') "
@@ -81,7 +83,8 @@ class InputEncoder(TemporalModule):
     def __init__(self, encoding: str, mean=None, std=None, seed: int = 0):
         super().__init__()
         if encoding not in SPIKE_ENCODINGS:
-            raise ValueError(f"InputEncoder encodes spikes: encoding must be one of {SPIKE_ENCODINGS}, got {encoding!r}")
+            raise ValueError(f"InputEncoder encodes spikes: encoding must be one of {SPIKE_ENCODINGS}, "
+                             f"got {encoding!r}")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"encoding seed must be an integer, got {seed!r}")
         mean = torch.as_tensor(0.0 if mean is None else mean, dtype=torch.float32).flatten()
@@ -104,10 +107,14 @@ class InputEncoder(TemporalModule):
             spikes = (poisson_uniforms(intensity, t, self.seed) < intensity).to(x.dtype)
         return (spikes - mean) / std
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows_per_step = x.shape[0] // self.steps
-        t = torch.arange(self.t0, self.t0 + self.steps, device=x.device).repeat_interleave(rows_per_step)
-        return self.encode(x, t)
+    def single_step_forward(self, x: torch.Tensor, t: Step) -> torch.Tensor:
+        return self.encode(x, torch.as_tensor(t, device=x.device).expand(x.shape[0]))
+
+    def multi_step_forward(self, x_seq: torch.Tensor, t0: int) -> torch.Tensor:
+        # The declared step for a whole window: `encode` treats each row at its own step, so one call.
+        steps, rows_per_step = x_seq.shape[:2]
+        t = torch.arange(t0, t0 + steps, device=x_seq.device).repeat_interleave(rows_per_step)
+        return self.encode(x_seq.flatten(0, 1), t).unflatten(0, (steps, rows_per_step))
 
     def extra_repr(self) -> str:
         return f"encoding={self.encoding}, seed={self.seed}, mean={self.mean.tolist()}, std={self.std.tolist()}"

@@ -1,16 +1,18 @@
 """The spiking network: a converted graph plus its simulator."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ann2snn.runtime.coding import Coding
+from ann2snn.runtime.coding import coding as coding_named
+from ann2snn.runtime.kernels import DEFAULT_KERNELS, check_kernels
 from ann2snn.runtime.layers import AddBias, TemporalModule
 from ann2snn.runtime.neurons import SpikingNeuron
 
-CODINGS = ("rate", "accumulate")
 _SHAPE_QUERIES = {"size", "dim"}
 # What `plan` aims at for the largest activation of one body call: small enough that the neuron update
 # finds in cache the current the convolution before it has just written, large enough that the Python
@@ -39,7 +41,6 @@ class SimulationResult:
     spikes: dict[int, dict[str, torch.Tensor]]
     steps_used: torch.Tensor
     steps_simulated: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def _is_temporal_dynamic(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -73,29 +74,24 @@ class _ActivationSizes(fx.Interpreter):
 
 
 class _ChunkInputs:
-    """The body's inputs for each chunk, from the static prefix's values: repeated at every step (rate
-    coding) or given at step 0 only (accumulate coding). Rows are step-major, so a chunk shorter than the
-    longest takes the leading rows of frames built once per sub-batch (the body never writes its inputs)."""
+    """The body's inputs for each chunk: the static prefix's values as the coding frames them
+    (`Coding.frames`: repeated at every step, or given at step 0 only). Rows are step-major, so a chunk
+    shorter than the longest takes the leading rows of frames built once per sub-batch and pattern of
+    injected steps (the body never writes its inputs)."""
 
-    def __init__(self, values: tuple, coding: str, chunk: int, batch: int):
+    def __init__(self, values: tuple, coding: Coding, chunk: int, batch: int):
         self.values, self.coding, self.chunk, self.batch = values, coding, chunk, batch
-        self._built: dict[bool, tuple] = {}
-
-    def _frames(self, value, first: bool):
-        """(concatenated: frames keep the values' layout, channels-last or not)"""
-        if not isinstance(value, torch.Tensor):
-            return value
-        if self.coding == "rate":
-            return torch.cat([value] * self.chunk)
-        zeros = torch.zeros_like(value)
-        return torch.cat([value if first and step == 0 else zeros for step in range(self.chunk)])
+        self._built: dict[int, tuple] = {}
 
     def frames(self, t0: int, steps: int) -> tuple:
-        first = t0 == 0 and self.coding == "accumulate"
-        if first not in self._built:
-            self._built[first] = tuple(self._frames(value, first) for value in self.values)
+        # frames depend on t0 only through how many leading steps receive the values
+        injected = self.coding.injected_steps(t0, self.chunk)
+        if injected not in self._built:
+            self._built[injected] = tuple(
+                self.coding.frames(value, t0, self.chunk) if isinstance(value, torch.Tensor) else value
+                for value in self.values)
         return tuple(frames[:steps * self.batch] if isinstance(frames, torch.Tensor) else frames
-                     for frames in self._built[first])
+                     for frames in self._built[injected])
 
 
 def split_static_prefix(gm: fx.GraphModule) -> tuple[fx.GraphModule, fx.GraphModule]:
@@ -143,19 +139,39 @@ class SpikingNetwork(nn.Module):
     Time is processed in chunks of `chunk_size` steps folded into the batch dimension; neuron state
     carries over between chunks, so memory is bounded by the chunk, not by T."""
 
-    def __init__(self, graph: fx.GraphModule, T: int, coding: str, qann: nn.Module | None = None,
-                 chunk_size: int | None = None, config: dict | None = None):
+    def __init__(self, graph: fx.GraphModule, T: int, coding: Coding | str, qann: nn.Module | None = None,
+                 chunk_size: int | None = None, config: dict | None = None, kernels: str = DEFAULT_KERNELS):
         super().__init__()
-        if coding not in CODINGS:
-            raise ValueError(f"coding must be one of {CODINGS}, got {coding!r}")
+        self.coding = coding_named(coding)
         check_steps("T", T)
         self.T = T
-        self.coding = coding
+        self.kernels = kernels
         self.chunk_size = chunk_size
         self.config = dict(config or {})
         self.prefix, self.body = split_static_prefix(graph)
         self.qann = qann
         self.t = 0
+
+    def __setstate__(self, state: dict) -> None:
+        # networks saved before codings were objects hold the coding's name, and no kernels setting
+        super().__setstate__(state)
+        self.coding = coding_named(self.coding)
+        self.__dict__.setdefault("_kernels", DEFAULT_KERNELS)
+
+    @property
+    def kernels(self) -> str:
+        """How the neurons run their multi-step update: "auto", "native", "compiled" or "eager" (see
+        `ann2snn.runtime.kernels`; every setting gives the same spikes). Default "auto", or "eager" where
+        the environment says ANN2SNN_FUSED_NEURONS=0."""
+        return self._kernels
+
+    @kernels.setter
+    def kernels(self, kernels: str) -> None:
+        self._kernels = check_kernels(kernels)
+
+    def _prepare_neurons(self) -> None:
+        for neuron in self.neurons.values():
+            neuron.kernels = self._kernels
 
     @property
     def neurons(self) -> dict[str, SpikingNeuron]:
@@ -172,7 +188,7 @@ class SpikingNetwork(nn.Module):
     def encode_step(self, x: torch.Tensor, t: int) -> torch.Tensor:
         """The input frame of step t for a static image x: the image at every step (rate coding; a spike
         encoding's `InputEncoder` inside the network makes the spikes) or at step 0 only (accumulate coding)."""
-        return x if self.coding == "rate" or t == 0 else torch.zeros_like(x)
+        return self.coding.frame(x, t)
 
     def in_simulation_layout(self, x: torch.Tensor) -> torch.Tensor:
         """x, and the convolution weights, in the layout that simulates fastest on x's device (see
@@ -189,6 +205,7 @@ class SpikingNetwork(nn.Module):
     @torch.no_grad()
     def step(self, x_t: torch.Tensor) -> torch.Tensor:
         """One time step on an encoded input frame; returns this step's output contribution."""
+        self._prepare_neurons()
         for module in self._temporal():
             module.set_window(self.t, 1)
         out = self.body(*self.prefix(self.in_simulation_layout(x_t)))
@@ -243,7 +260,7 @@ class SpikingNetwork(nn.Module):
             check_steps("chunk_size", chunk_size)
         if sub_batch is not None and (not isinstance(sub_batch, int) or isinstance(sub_batch, bool) or sub_batch < 1):
             raise ValueError(f"sub_batch must be a positive number of samples, got {sub_batch!r}")
-        if stop_when_quiet and self.coding != "accumulate":
+        if stop_when_quiet and not self.coding.settles:
             raise ValueError("stop_when_quiet needs accumulate coding (neuron='signed'): a rate-coded "
                              "network keeps integrating its input, so a quiet step says nothing")
         if stop_when_quiet and chunk_size is None:
@@ -264,6 +281,7 @@ class SpikingNetwork(nn.Module):
     def _simulate_samples(self, x: torch.Tensor, T_list: list[int], chunk: int, stop_when_quiet: bool,
                           quiet_steps: int) -> SimulationResult:
         self.reset()
+        self._prepare_neurons()
         batch = x.shape[0]
         temporal = self._temporal()
         for module in temporal:
@@ -290,7 +308,7 @@ class SpikingNetwork(nn.Module):
                         newly = (quiet_run >= quiet_steps) & (done_at == T_list[-1])
                         done_at[newly] = t + j + 1
                 t += steps
-            outputs[T] = total / t if self.coding == "rate" else total.clone()
+            outputs[T] = self.coding.read_out(total, t)
             spikes[T] = {name: n.spike_count.clone() for name, n in neurons.items() if n.spike_count is not None}
         return SimulationResult(outputs, spikes, torch.minimum(done_at, torch.tensor(t)), t)
 

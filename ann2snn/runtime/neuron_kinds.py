@@ -9,8 +9,15 @@ from typing import Any
 import torch
 
 from ann2snn.runtime.coding import ACCUMULATE, RATE, Coding
-from ann2snn.runtime.neurons import (DEFAULT_ADAPT_DECAY, DEFAULT_ADAPT_INCREASE, AdaptiveNeuron, IFNeuron, LIFNeuron,
-                                     SignedNeuron, SpikingNeuron)
+from ann2snn.runtime.neurons import (
+    DEFAULT_ADAPT_DECAY,
+    DEFAULT_ADAPT_INCREASE,
+    AdaptiveNeuron,
+    IFNeuron,
+    LIFNeuron,
+    SignedNeuron,
+    SpikingNeuron,
+)
 
 
 @dataclass(frozen=True)
@@ -41,7 +48,8 @@ NEURON_KINDS: dict[str, NeuronKind] = {kind.name: kind for kind in (
     NeuronKind("lif", RATE, lambda theta, levels, k, options: LIFNeuron(theta, max_spikes_per_step=k, **options),
                _threshold, {"decay": 0.95, "compensate_leak": True},
                "leaky integrate-and-fire with leak-compensating current"),
-    NeuronKind("signed", ACCUMULATE, lambda theta, levels, k, options: SignedNeuron(theta / levels, levels, k, **options),
+    NeuronKind("signed", ACCUMULATE,
+               lambda theta, levels, k, options: SignedNeuron(theta / levels, levels, k, **options),
                _step, {}, "ternary spikes of theta/L, count kept in [0, L]: equals the QANN once settled"),
     NeuronKind("signed-rate", RATE, lambda theta, levels, k, options: SignedNeuron(theta, None, k, **options),
                _threshold, {}, "ternary spikes of theta, rate-coded: takes back spikes fired too early"),

@@ -1,41 +1,26 @@
 """Spiking neurons. Multi-step: the input is [steps * batch, ...] with time folded into the batch
 dimension (SpikingJelly's step mode 'm'); only the membrane recurrence loops over time.
 
-Names follow SpikingJelly where they fit (`v_threshold`, `reset()`); reset is by subtraction.
+Names follow SpikingJelly where they fit (`v_threshold`, `reset()`, `single_step_forward`); reset is by
+subtraction.
 
 Each model's dynamics are one function of its state tensors (`integrate_and_fire`, `signed_fire`, ...)
 returning (output, spikes): what the neuron sends on, and its spike events, which are what spike counts
-count (the two differ for the adaptive neuron, whose spikes carry the threshold they crossed). `fire`
-applies it to the module's state (the ONNX exporter traces that), and the simulator runs it once per
-step. Where torch.compile works (a C++ compiler for CPU tensors, Triton for CUDA) and a layer is large
-enough to pay for the call, each step of a layer is one fused kernel compiled from that very
-function: the same float operations in the same order (Inductor does not contract them into FMAs), so
-the same spikes bit for bit, in one pass over memory instead of one per operation. The IF neuron on CPU
-has a hand-written kernel instead (`native`, cheaper to call and one pass where Inductor makes two),
-held to the same bit-for-bit standard by the tests.
-
-Neuron state takes the layout of the currents (NCHW or channels-last): kernels see every tensor of a
-step flat, in memory order."""
+count (the two differ for the adaptive neuron, whose spikes carry the threshold they crossed). That
+function is the neuron's declared step (`single_step_forward`, see `TemporalModule`), which the ONNX
+exporter traces; the multi-step update runs it once per step, or a fused kernel built from it or held to
+it bit for bit (`ann2snn.runtime.kernels`, chosen by the `kernels` setting the network passes on)."""
 from __future__ import annotations
 
-import functools
-import importlib.util
-import logging
-import os
-import types
-import warnings
 from typing import Callable
 
 import torch
 
+from ann2snn.runtime import kernels as step_kernels
+from ann2snn.runtime.coding import Step
 from ann2snn.runtime.kernels import native
 from ann2snn.runtime.layers import TemporalModule
 
-FUSED_ENV_VAR = "ANN2SNN_FUSED_NEURONS"
-# Below this many neurons per step a compiled kernel saves less than its call costs: small layers stay
-# eager (the native kernel's call is cheap enough for any layer).
-FUSED_MIN_ELEMENTS = 16384
-_compiled_steps: dict[tuple, Callable | None] = {}
 # Chosen on models/resnet20.pt (4 bits, T=32): 8 % fewer spikes than IF at the same accuracy (500 test
 # images); on 200, increases of 0.1 and more cost 1.5 to 3 points for 1 to 8 % fewer spikes, larger
 # increases pass saturated inputs further above the clip (see AdaptiveNeuron).
@@ -101,9 +86,10 @@ def signed_fire(v: torch.Tensor, count: torch.Tensor, current: torch.Tensor, v_t
     return spikes, spikes
 
 
-def _step_into(dynamics: Callable, output: torch.Tensor, activity: torch.Tensor, state: tuple,
-               current: torch.Tensor, constants: tuple) -> None:
-    """One step of `dynamics`, its output written into `output` and its spikes per sample into `activity`."""
+def step_into(dynamics: Callable, output: torch.Tensor, activity: torch.Tensor, state: tuple,
+              current: torch.Tensor, constants: tuple) -> None:
+    """One step of `dynamics`, its output written into `output` and its spikes per sample into `activity`:
+    the eager step of the multi-step update, which the fused kernels replace."""
     sent, spikes = dynamics(*state, current, *constants)
     output.copy_(sent)
     activity.copy_(spikes.abs().flatten(1).sum(1))
@@ -113,122 +99,22 @@ def _step_into(dynamics: Callable, output: torch.Tensor, activity: torch.Tensor,
 NATIVE_STEPS: dict[tuple, Callable] = {(integrate_and_fire, torch.float32, "cpu"): native.integrate_and_fire_step}
 
 
-def _fusion_unavailable(device: torch.device) -> str | None:
-    """Why fused kernels cannot be used on `device`, or None."""
-    if os.environ.get(FUSED_ENV_VAR, "1") == "0":
-        return f"{FUSED_ENV_VAR}=0"
-    if device.type == "cpu":
-        return None if native.find_compiler(os.environ.get("CXX")) else "no C++ compiler found (set CXX)"
-    if device.type == "cuda":
-        if importlib.util.find_spec("triton") is None:
-            return "Triton is not installed"
-        return None
-    return f"no fused kernels for {device.type} tensors"
-
-
-def _memory_order(tensor: torch.Tensor) -> list[int]:
-    """The dimensions of [batch, ...] from outermost to innermost in memory (batch first): (0, 1, 2, 3) for
-    NCHW tensors, (0, 2, 3, 1) for channels-last ones."""
-    return [0] + sorted(range(1, tensor.dim()), key=lambda dim: -tensor.stride(dim))
-
-
-def _flat(tensor: torch.Tensor, order: list[int]) -> torch.Tensor:
-    """[batch, ...] as [batch, neurons] in memory order (a view): every layer then has the same rank, so
-    that one kernel serves them all, whatever the layout."""
-    return tensor.permute(order).reshape(tensor.shape[0], -1)
-
-
-def _flat_constant(value, sample: torch.Tensor, order: list[int]):
-    """A constant of the dynamics for flat tensors: per-channel constants spelled out over the neurons of
-    one sample, in the order of its memory."""
-    if not isinstance(value, torch.Tensor):
-        return value
-    if value.numel() == 1:
-        return value.reshape(())
-    return value.expand(sample.shape).permute(order).reshape(1, -1)
-
-
-def _fusion_key(dynamics: Callable, state: tuple, current: torch.Tensor, constants: tuple,
-                order: list[int]) -> tuple | None:
-    """What selects the fused kernel of one step (None where fusion does not apply: the state and the
-    current must be dense, in one layout; `order` is the current's `_memory_order`)."""
-    if (torch.is_grad_enabled() and current.requires_grad) or torch.compiler.is_compiling() \
-            or not current.permute(order).is_contiguous() \
-            or not all(tensor.stride() == current.stride() for tensor in state) \
-            or _fusion_unavailable(current.device) is not None:
-        return None
-    # Tensor constants by whether they are scalars, Python ones (levels, spikes per step, decay) by value:
-    # compiled code specialises on those, and a process that meets many values would otherwise exhaust
-    # TorchDynamo's limit on recompilations of one key.
-    constant_kinds = tuple(c.numel() == 1 if isinstance(c, torch.Tensor) else c for c in constants)
-    return dynamics, current.dtype, current.device.type, constant_kinds
-
-
-def _fused_step(key: tuple, neurons: int) -> Callable | None:
-    """The fused `_step_into` for calls of this key on `neurons` neurons per step: the native kernel where
-    there is one, else the compiled step for layers large enough to pay for its call."""
-    native_step = NATIVE_STEPS.get(key[:3])
-    if native_step is not None and native.library() is not None:
-        return native_step
-    return _compiled_step(key) if neurons >= FUSED_MIN_ELEMENTS else None
-
-
-def _compiled_step(key: tuple) -> Callable | None:
-    """The compiled `_step_into` for calls of this key; None after its compilation failed."""
-    if key not in _compiled_steps:
-        _import_quietly("torch.utils.cpp_extension")
-        # TorchDynamo keeps compiled graphs, and its limit on recompilations, per code object: each key
-        # gets a copy of the code of its own. Dynamic shapes: one compilation serves every layer and
-        # batch size.
-        code_copy = types.FunctionType(_step_into.__code__.replace(), _step_into.__globals__, _step_into.__name__)
-        _compiled_steps[key] = torch.compile(code_copy, dynamic=True, fullgraph=True)
-    return _compiled_steps[key]
-
-
-def _import_quietly(module: str) -> None:
-    """Import `module` with its logger's warnings off: Inductor's C++ backend imports cpp_extension,
-    whose import warns on every machine without CUDA that it found no CUDA runtime."""
-    logger = logging.getLogger(module)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        importlib.import_module(module)
-    finally:
-        logger.setLevel(level)
-
-
-def _run_steps(dynamics: Callable, outputs: torch.Tensor, activity: torch.Tensor, state: tuple,
-               currents: torch.Tensor, constants: tuple) -> None:
-    """All steps of a chunk: `currents`, `outputs` [steps, batch, ...], `activity` [steps, batch]."""
-    step, start, view = _step_into, 0, (lambda tensor: tensor)
-    order = _memory_order(currents[0])
-    key = _fusion_key(dynamics, state, currents[0], constants, order)
-    fused = _fused_step(key, currents[0].numel()) if key is not None else None
-    if fused is not None:
-        sample = currents[0, :1]
-        flat_state = tuple(_flat(tensor, order) for tensor in state)
-        flat_constants = tuple(_flat_constant(value, sample, order) for value in constants)
-        try:
-            fused(dynamics, _flat(outputs[0], order), activity[0], flat_state, _flat(currents[0], order), flat_constants)
-            step, start, state, constants = fused, 1, flat_state, flat_constants
-            view = lambda tensor: _flat(tensor, order)
-        except Exception as error:  # a compilation that failed never ran: the state is untouched
-            _compiled_steps[key] = None
-            warnings.warn(f"fused neuron kernel unavailable, running eager torch ops instead: it "
-                          f"failed ({type(error).__name__}: {str(error).strip()[:300]})", RuntimeWarning, stacklevel=4)
-    for t in range(start, currents.shape[0]):
-        step(dynamics, view(outputs[t]), activity[t], state, view(currents[t]), constants)
-
-
 class SpikingNeuron(TemporalModule):
-    """Membrane state plus spike bookkeeping; subclasses give their dynamics (`dynamics` applied to
-    `state_tensors()`, the current and `constants()`).
+    """Membrane state plus spike bookkeeping; subclasses give their dynamics (`dynamics` applied to the
+    state tensors `state_names[:-1]`, the current and `constants()`).
 
     Spikes are integers (multiples of one spike, signed for signed neurons) in the membrane's dtype;
     the value a spike stands for is a `Scale` after the neuron, folded downstream by balancing.
-    `spike_count` and `activity` count spike events, whatever value the output gives them."""
+    `spike_count` (per sample, summed since the reset) and `activity` (per step and sample, of the last
+    multi-step call) count spike events, whatever value the output gives them. `kernels` selects how the
+    multi-step update runs (see `ann2snn.runtime.kernels`); the network sets it before simulating."""
 
     dynamics: Callable[..., Fired]
+    # The membrane `v`, the dynamics' other state tensors (each starting at zero), and the spike count.
+    state_names = ("v", "spike_count")
+    # Buffers measured in membrane units: they scale with the input (see `scale_input`).
+    membrane_unit_buffers: tuple[str, ...] = ("v_threshold",)
+    kernels: str = step_kernels.DEFAULT_KERNELS
 
     def __init__(self, v_threshold: torch.Tensor, max_spikes_per_step: int = 1, initial_membrane: float = 0.5):
         super().__init__()
@@ -241,17 +127,9 @@ class SpikingNeuron(TemporalModule):
         self.spike_count: torch.Tensor | None = None
         self.activity: torch.Tensor | None = None
 
-    # Buffers measured in membrane units: they scale with the input (see `scale_input`).
-    membrane_unit_buffers: tuple[str, ...] = ("v_threshold",)
-    # State tensors besides the membrane `v`, each starting at zero (e.g. a spike counter).
-    zero_state: tuple[str, ...] = ()
-
     def reset(self) -> None:
-        self.v = None
-        self.spike_count = None
+        super().reset()
         self.activity = None
-        for name in self.zero_state:
-            setattr(self, name, None)
 
     def scale_input(self, factor: torch.Tensor) -> None:
         """Fire the same spikes on inputs multiplied by `factor` (positive, scalar or per channel): every
@@ -259,36 +137,34 @@ class SpikingNeuron(TemporalModule):
         for name in self.membrane_unit_buffers:
             setattr(self, name, getattr(self, name) * factor)
 
-    def init_state(self, like: torch.Tensor) -> None:
-        # (a sum with zeros takes like's layout, NCHW or channels-last, and exports to ONNX as one Add)
-        self.v = torch.zeros_like(like) + self.v_threshold * self.initial_membrane
-        for name in self.zero_state:
-            setattr(self, name, torch.zeros_like(self.v))
+    def initial_state(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        # (a sum with zeros takes x's layout, NCHW or channels-last, and exports to ONNX as one Add)
+        v = torch.zeros_like(x) + self.v_threshold * self.initial_membrane
+        return {"v": v, **{name: torch.zeros_like(v) for name in self.state_names[1:-1]},
+                "spike_count": x.new_zeros(x.shape[0])}
 
-    def state_names(self) -> tuple[str, ...]:
-        return ("v", *self.zero_state)
-
-    def state_tensors(self) -> tuple[torch.Tensor, ...]:
-        return tuple(getattr(self, name) for name in self.state_names())
+    def dynamics_state(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, name) for name in self.state_names[:-1])
 
     def constants(self) -> tuple:
         return (self.v_threshold, self.max_spikes_per_step)
 
-    def fire(self, current: torch.Tensor) -> Fired:
-        """One time step on this neuron's state; returns (output, spikes)."""
-        return type(self).dynamics(*self.state_tensors(), current, *self.constants())
+    def single_step_forward(self, x: torch.Tensor, t: Step) -> torch.Tensor:
+        output, spikes = type(self).dynamics(*self.dynamics_state(), x, *self.constants())
+        self.spike_count = self.spike_count + spikes.abs().flatten(1).sum(1)
+        return output
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        currents = self.unfold_time(x)
-        if self.v is None:
-            self.init_state(currents[0])
-        outputs = torch.empty_like(currents)
-        per_step = currents.new_empty(currents.shape[:2])
-        _run_steps(type(self).dynamics, outputs, per_step, self.state_tensors(), currents, self.constants())
+    def multi_step_forward(self, x_seq: torch.Tensor, t0: int) -> torch.Tensor:
+        # The declared step at every step of the window, as `step_into` or a kernel held to it bit for bit.
+        outputs = torch.empty_like(x_seq)
+        per_step = x_seq.new_empty(x_seq.shape[:2])
+        dynamics = type(self).dynamics
+        native_step = NATIVE_STEPS.get((dynamics, x_seq.dtype, x_seq.device.type))
+        step_kernels.run_steps(self.kernels, step_into, native_step, dynamics, outputs, per_step,
+                               self.dynamics_state(), x_seq, self.constants())
         self.activity = per_step
-        total = per_step.sum(0)
-        self.spike_count = total if self.spike_count is None else self.spike_count + total
-        return outputs.flatten(0, 1)
+        self.spike_count = self.spike_count + per_step.sum(0)
+        return outputs
 
     def extra_repr(self) -> str:
         shape = "scalar" if self.v_threshold.dim() == 0 else f"per-channel {tuple(self.v_threshold.shape)}"
@@ -315,7 +191,7 @@ class SignedNeuron(SpikingNeuron):
     out lower than the first steps suggested, which removes most of the IF network's unevenness error."""
 
     dynamics = staticmethod(signed_fire)
-    zero_state = ("count",)
+    state_names = ("v", "count", "spike_count")
 
     def __init__(self, v_threshold: torch.Tensor, levels: int | None, max_spikes_per_step: int = 1,
                  initial_membrane: float = 0.5):
@@ -349,7 +225,8 @@ class LIFNeuron(IFNeuron):
             raise ValueError(f"decay must be in (0, 1], got {decay}")
         self.decay = decay
         self.compensate_leak = compensate_leak
-        self.register_buffer("leak_current", v_threshold * ((1.0 - decay) * initial_membrane if compensate_leak else 0.0))
+        leak = (1.0 - decay) * initial_membrane if compensate_leak else 0.0
+        self.register_buffer("leak_current", v_threshold * leak)
 
     def constants(self) -> tuple:
         return (*super().constants(), self.decay, self.leak_current)
@@ -369,7 +246,7 @@ class AdaptiveNeuron(SpikingNeuron):
     unclipped. That is what limits the increase before accuracy suffers."""
 
     dynamics = staticmethod(adaptive_integrate_and_fire)
-    zero_state = ("adaptation",)
+    state_names = ("v", "adaptation", "spike_count")
 
     def __init__(self, v_threshold: torch.Tensor, max_spikes_per_step: int = 1, initial_membrane: float = 0.5,
                  adapt_increase: float = DEFAULT_ADAPT_INCREASE, adapt_decay: float = DEFAULT_ADAPT_DECAY):

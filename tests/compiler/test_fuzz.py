@@ -34,7 +34,7 @@ import ann2snn
 from ann2snn.errors import ConversionError
 from ann2snn.compiler.quantizer import QCFSQuantizer
 from ann2snn.compiler.observers import THRESHOLD_RULES
-from ann2snn.compiler.passes.emit_neurons import NEURON_KINDS
+from ann2snn.runtime.neuron_kinds import NEURON_KINDS
 from ann2snn.runtime.memory import simulation_footprint
 from tests.helpers import randomize_bn
 
@@ -210,7 +210,7 @@ def architectures(draw) -> Architecture:
 
 @st.composite
 def conversion_settings(draw) -> dict:
-    neuron = draw(st.sampled_from(NEURON_KINDS))
+    neuron = draw(st.sampled_from(tuple(NEURON_KINDS)))
     options = {
         "qbits": draw(st.integers(1, 8)),
         "T": draw(st.integers(1, 12)),

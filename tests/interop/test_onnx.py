@@ -20,11 +20,11 @@ from torch import nn
 
 import ann2snn
 from ann2snn.cli.main import main
-from ann2snn.io.data import ListFileDataset, cifar10_transform, make_loader
 from ann2snn.errors import ConversionError
-from ann2snn.runtime.layers import TemporalModule
-from ann2snn.io.model_loading import Preprocessing, load_model
 from ann2snn.interop.onnx import FILE_NAMES, FORMATS, onnx_models
+from ann2snn.io.data import ListFileDataset, cifar10_transform, make_loader
+from ann2snn.io.model_loading import Preprocessing, load_model
+from ann2snn.runtime.layers import TemporalModule
 from ann2snn.zoo import build_model
 from tests.helpers import randomize_bn
 from tests.runtime.test_network import assert_rel_close, build, calibration

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ann2snn.runtime.coding import ACCUMULATE, RATE
 from ann2snn.runtime.layers import AddBias, SpikingMaxPool
 
 
@@ -46,14 +47,14 @@ def test_rate_coded_max_pool_is_exact_where_max_over_spikes_overcounts() -> None
     assert float((naive - target).mean()) > 0.05  # max over spikes fires too often
 
 
-@pytest.mark.parametrize("once", [False, True])
-def test_add_bias_injects_every_step_or_once(once: bool) -> None:
+@pytest.mark.parametrize("coding", [RATE, ACCUMULATE])
+def test_add_bias_injects_every_step_or_once(coding) -> None:
     bias = torch.tensor([1.0, -2.0, 0.5])
-    injection = AddBias(bias, once=once)
+    injection = AddBias(bias, coding)
     zeros = torch.zeros(6, 2, 3, 4, 4)
     out = _run_in_chunks(injection, zeros, 4)
     per_step = out.sum((1, 3, 4)) / (2 * 16)
     expected = bias.expand(6, 3).clone()
-    if once:
+    if coding.inject_once:
         expected[1:] = 0
     assert torch.allclose(per_step, expected)

@@ -1,6 +1,8 @@
 """SpikingNetwork: chunked simulation, streaming, several T per run, and exact equivalence of signed SNNs."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,8 +11,6 @@ from torch import nn
 import ann2snn
 from ann2snn.runtime import network
 from ann2snn.runtime.neurons import IFNeuron, SignedNeuron
-import functools
-
 from tests.helpers import randomize_bn
 
 randomize_bn_wide = functools.partial(randomize_bn, bias=(-0.3, 0.5))

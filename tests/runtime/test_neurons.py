@@ -6,8 +6,10 @@ import json
 import pytest
 import torch
 
-from ann2snn.runtime import neurons
 import ann2snn
+from ann2snn.runtime import kernels as step_kernels
+from ann2snn.runtime import neurons
+from ann2snn.runtime.kernels.compiled import CompiledSteps
 from ann2snn.runtime.neurons import AdaptiveNeuron, IFNeuron, SignedNeuron
 from tests.helpers import assert_one_line_error, digits_args, digits_checkpoint, run_cli
 from tests.runtime.test_network import build, calibration
@@ -139,6 +141,11 @@ def test_invalid_max_spikes_per_step() -> None:
         IFNeuron(torch.tensor(1.0), max_spikes_per_step=0)
 
 
+def with_kernels(neuron, kernels: str):
+    neuron.kernels = kernels
+    return neuron
+
+
 def large_layer_neuron(cls, threshold: torch.Tensor):
     if cls is SignedNeuron:
         return SignedNeuron(threshold, levels=7)
@@ -151,23 +158,21 @@ def test_a_fused_kernel_that_fails_falls_back_to_the_same_spikes(cls, monkeypatc
     they give without fusion, and the failure is a warning."""
     torch.manual_seed(0)
     threshold = torch.rand(1, 8, 1, 1) + 0.5
-    make = lambda: large_layer_neuron(cls, threshold)  # noqa: E731
+    make = lambda kernels: with_kernels(large_layer_neuron(cls, threshold), kernels)  # noqa: E731
     currents = torch.randn(6, 4, 8, 32, 32)  # 8192 neurons per sample, 32768 per step
-    monkeypatch.setenv(neurons.FUSED_ENV_VAR, "0")
-    expected = run_folded(make(), currents)
+    expected = run_folded(make("eager"), currents)
 
-    def failing_compilation(key):
-        def compiled(*args):
-            raise RuntimeError("compilation failed")
-        return compiled
+    class FailingCompilations(CompiledSteps):
+        def get(self, step, key):
+            def compiled(*args):
+                raise RuntimeError("compilation failed")
+            return compiled
 
-    monkeypatch.setenv(neurons.FUSED_ENV_VAR, "1")
-    monkeypatch.setattr(neurons, "_fusion_unavailable", lambda device: None)
-    monkeypatch.setattr(neurons, "NATIVE_STEPS", {})  # the compiled step, not the native IF kernel (tests/test_native.py)
-    monkeypatch.setattr(neurons, "_compiled_step", failing_compilation)
-    monkeypatch.setattr(neurons, "_compiled_steps", {})  # the failure it records must not disable later tests' kernels
+    monkeypatch.setattr(step_kernels, "unavailable", lambda device_type: None)
+    # (its own cache: the failure it records must not disable later tests' kernels)
+    monkeypatch.setattr(step_kernels, "COMPILED_STEPS", FailingCompilations())
     with pytest.warns(RuntimeWarning, match="fused neuron kernel unavailable"):
-        assert torch.equal(run_folded(make(), currents), expected)
+        assert torch.equal(run_folded(make("compiled"), currents), expected)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -259,21 +264,21 @@ def test_adaptive_network_against_the_if_network() -> None:
 def test_adaptive_fused_kernel_gives_the_eager_spikes(monkeypatch) -> None:
     """The compiled step of a large layer runs the same float operations as the eager one: the same output,
     membrane, adaptation and spike counts bit for bit."""
-    reason = neurons._fusion_unavailable(torch.device("cpu"))
+    reason = step_kernels.unavailable("cpu")
     if reason is not None:
         pytest.skip(f"no fused kernels here: {reason}")
-    monkeypatch.setattr(neurons, "_compiled_steps", {})  # a kernel another test marked as failed is tried again
+    compiled_steps = CompiledSteps()  # a kernel another test marked as failed is tried again
+    monkeypatch.setattr(step_kernels, "COMPILED_STEPS", compiled_steps)
     torch.manual_seed(7)
     threshold = torch.rand(1, 8, 1, 1) + 0.5
     currents = torch.randn(6, 4, 8, 32, 32)  # 8192 neurons per sample, 32768 per step: above FUSED_MIN_ELEMENTS
     runs = {}
-    for fused in ("0", "1"):
-        monkeypatch.setenv(neurons.FUSED_ENV_VAR, fused)
-        neuron = large_layer_neuron(AdaptiveNeuron, threshold)
-        runs[fused] = run_folded(neuron, currents), neuron
-    assert any(key[0] is neurons.adaptive_integrate_and_fire and kernel is not None
-               for key, kernel in neurons._compiled_steps.items()), "the fused kernel was not used"
-    (eager, reference), (fused, neuron) = runs["0"], runs["1"]
+    for kernels in ("eager", "auto"):
+        neuron = with_kernels(large_layer_neuron(AdaptiveNeuron, threshold), kernels)
+        runs[kernels] = run_folded(neuron, currents), neuron
+    assert any(key[0] is neurons.adaptive_integrate_and_fire for key in compiled_steps.compiled_keys()), \
+        "the fused kernel was not used"
+    (eager, reference), (fused, neuron) = runs["eager"], runs["auto"]
     assert torch.equal(fused, eager)
     for name in ("v", "adaptation", "spike_count"):
         assert torch.equal(getattr(neuron, name), getattr(reference, name)), name

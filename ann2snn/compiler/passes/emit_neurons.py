@@ -18,41 +18,21 @@ from ann2snn.compiler.graph_utils import free_name, insert_module_after, is_modu
 from ann2snn.compiler.ops import Role, is_shape_value, op_of, role_of
 from ann2snn.runtime.layers import AddBias, ChannelAffine, Scale, SpikingMaxPool
 from ann2snn.compiler.quantizer import QCFSQuantizer
-from ann2snn.runtime.neurons import AdaptiveNeuron, IFNeuron, LIFNeuron, SignedNeuron, SpikingNeuron
+from ann2snn.runtime.neuron_kinds import neuron_kind
+from ann2snn.runtime.neurons import SpikingNeuron
 
-NEURON_KINDS = ("if", "lif", "signed", "signed-rate", "adaptive")
 _MAX_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
 _OFFSET_SIGNS = {Role.ADD: 1.0, Role.SUB: -1.0}
 
 
-def spike_value(quantizer: QCFSQuantizer, kind: str) -> torch.Tensor:
-    """What one spike of the neuron standing for `quantizer` is worth in the QANN's units: the
-    quantization step theta/L for signed neurons (accumulate coding), the threshold theta otherwise."""
-    return quantizer.step if kind == "signed" else quantizer.theta
-
-
 def make_neuron(quantizer: QCFSQuantizer, kind: str, max_spikes_per_step: int,
                 options: dict | None = None) -> tuple[SpikingNeuron, Scale]:
-    """The neuron standing for a calibrated quantizer, and the value one of its spikes carries.
-    `options` are extra neuron arguments (e.g. decay for 'lif', adapt_increase and adapt_decay for
-    'adaptive')."""
-    options = options or {}
-    value = Scale(spike_value(quantizer, kind))
-    if kind == "if":
-        return IFNeuron(quantizer.theta, max_spikes_per_step, **options), value
-    if kind == "adaptive":
-        return AdaptiveNeuron(quantizer.theta, max_spikes_per_step, **options), value
-    if kind == "lif":
-        return LIFNeuron(quantizer.theta, max_spikes_per_step=max_spikes_per_step, **options), value
-    if kind == "signed":
-        return SignedNeuron(quantizer.step, quantizer.levels, max_spikes_per_step, **options), value
-    if kind == "signed-rate":
-        return SignedNeuron(quantizer.theta, None, max_spikes_per_step, **options), value
-    raise ValueError(f"unknown neuron {kind!r}; choose one of {NEURON_KINDS}")
-
-
-def coding_of(kind: str) -> str:
-    return "accumulate" if kind == "signed" else "rate"
+    """The neuron of registry kind `kind` standing for a calibrated quantizer, and the value one of its
+    spikes carries. `options` are extra neuron arguments (e.g. decay for 'lif', adapt_increase and
+    adapt_decay for 'adaptive')."""
+    entry = neuron_kind(kind)
+    neuron = entry.build(quantizer.theta, quantizer.levels, max_spikes_per_step, options or {})
+    return neuron, Scale(entry.spike_value(quantizer.theta, quantizer.levels))
 
 
 def _functional_max_pool(gm: fx.GraphModule, node: fx.Node) -> nn.Module:
@@ -88,7 +68,7 @@ def _strip_bias(layer: nn.Module) -> nn.Module:
 
 def emit_neurons(gm: fx.GraphModule, neuron: str = "if", max_spikes_per_step: int = 1,
                  neuron_options: dict | None = None) -> fx.GraphModule:
-    once = coding_of(neuron) == "accumulate"
+    coding = neuron_kind(neuron).coding
     stripped_biases: dict[str, tuple[torch.Tensor, int]] = {}
     for node in list(gm.graph.nodes):
         role = role_of(gm, node)
@@ -99,7 +79,7 @@ def emit_neurons(gm: fx.GraphModule, neuron: str = "if", max_spikes_per_step: in
             spiking, amplitude = make_neuron(quantizer, neuron, max_spikes_per_step, neuron_options)
             gm.add_submodule(node.target, spiking)
             insert_module_after(gm, node, f"{node.target}_amplitude", amplitude)
-        elif once and role in (Role.WEIGHTED, Role.CHANNELWISE):
+        elif coding.inject_once and role in (Role.WEIGHTED, Role.CHANNELWISE):
             # a layer called at several sites is stripped once; every site gets its own injection
             if node.target not in stripped_biases:
                 layer = gm.get_submodule(node.target)
@@ -108,7 +88,7 @@ def emit_neurons(gm: fx.GraphModule, neuron: str = "if", max_spikes_per_step: in
                 stripped_biases[node.target] = (layer.bias.detach().clone(), -1 if isinstance(layer, nn.Linear) else 1)
                 gm.add_submodule(node.target, _strip_bias(layer))
             bias, channel_dim = stripped_biases[node.target]
-            insert_module_after(gm, node, f"{node.target}_bias", AddBias(bias, once, channel_dim))
+            insert_module_after(gm, node, f"{node.target}_bias", AddBias(bias, coding, channel_dim))
         elif role is Role.MAX_POOLING and node.op == "call_module":
             gm.add_submodule(node.target, SpikingMaxPool(gm.get_submodule(node.target)))
         elif role is Role.MAX_POOLING:
@@ -120,5 +100,5 @@ def emit_neurons(gm: fx.GraphModule, neuron: str = "if", max_spikes_per_step: in
             # a constant current, injected like a bias so that accumulate coding adds it only once
             tensor, constant = offset
             replace_with_module(gm, node, free_name(gm, f"{node.name}_offset"),
-                                AddBias(torch.tensor([constant]), once, 1), (tensor,))
+                                AddBias(torch.tensor([constant]), coding, 1), (tensor,))
     return gm

@@ -16,7 +16,7 @@ from ann2snn.compiler.ops import CONVS
 from ann2snn.runtime.layers import Scale, SpikingMaxPool
 from ann2snn.runtime.neurons import SpikingNeuron
 from ann2snn.compiler.passes import balance_thresholds, emit_neurons
-from ann2snn.compiler.passes.emit_neurons import coding_of
+from ann2snn.runtime.neuron_kinds import neuron_kind
 from ann2snn.runtime.network import SpikingNetwork
 from ann2snn.compiler.pass_manager import run_passes
 
@@ -152,8 +152,8 @@ def test_balanced_simulation_equals_unbalanced(qanns, kind: str, per_channel: bo
     balanced = run_passes(copy.deepcopy(emitted), balance_thresholds)
     T = 24 if kind == "if" else 40
     x = torch.randn(4, 3, 8, 8)
-    plain = SpikingNetwork(emitted, T, coding_of(kind)).simulate(x, [8, T])
-    folded = SpikingNetwork(balanced, T, coding_of(kind)).simulate(x, [8, T])
+    plain = SpikingNetwork(emitted, T, neuron_kind(kind).coding.name).simulate(x, [8, T])
+    folded = SpikingNetwork(balanced, T, neuron_kind(kind).coding.name).simulate(x, [8, T])
     for t in (8, T):
         scale = float(plain.outputs[t].abs().max())
         assert scale > 0

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ann2snn.runtime.kernels import native
 from ann2snn.runtime import neurons
+from ann2snn.runtime.kernels import native
 from ann2snn.runtime.neurons import IFNeuron
 
 
@@ -18,10 +18,10 @@ def kernel_library():
     return library
 
 
-def simulate_layer(threshold: torch.Tensor, currents: torch.Tensor, max_spikes: int, fused: str, monkeypatch):
+def simulate_layer(threshold: torch.Tensor, currents: torch.Tensor, max_spikes: int, kernels: str):
     """Run an IF layer over [steps, batch, C, H, W] currents, two steps per call; return what it leaves."""
-    monkeypatch.setenv(neurons.FUSED_ENV_VAR, fused)
     neuron = IFNeuron(threshold, max_spikes_per_step=max_spikes)
+    neuron.kernels = kernels
     outputs = []
     for t0 in range(0, currents.shape[0], 2):
         neuron.set_window(t0, 2)
@@ -41,8 +41,8 @@ def test_kernel_gives_the_eager_spikes_bit_for_bit(kernel_library, layout, per_c
     calls = []
     monkeypatch.setitem(neurons.NATIVE_STEPS, (neurons.integrate_and_fire, torch.float32, "cpu"),
                         lambda *args: calls.append(1) or native.integrate_and_fire_step(*args))
-    fused, fused_neuron = simulate_layer(threshold, currents, max_spikes, "1", monkeypatch)
-    eager, eager_neuron = simulate_layer(threshold, currents, max_spikes, "0", monkeypatch)
+    fused, fused_neuron = simulate_layer(threshold, currents, max_spikes, "native")
+    eager, eager_neuron = simulate_layer(threshold, currents, max_spikes, "eager")
     assert calls, "the native kernel was not used"
     assert torch.equal(fused, eager) and fused.sum() > 0
     assert torch.equal(fused_neuron.v, eager_neuron.v)
@@ -58,9 +58,9 @@ def test_kernel_result_does_not_depend_on_the_thread_count(kernel_library, monke
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        single = simulate_layer(threshold, currents, 1, "1", monkeypatch)
+        single = simulate_layer(threshold, currents, 1, "native")
         torch.set_num_threads(2)
-        double = simulate_layer(threshold, currents, 1, "1", monkeypatch)
+        double = simulate_layer(threshold, currents, 1, "native")
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(single[0], double[0]) and torch.equal(single[1].spike_count, double[1].spike_count)
@@ -69,18 +69,17 @@ def test_kernel_result_does_not_depend_on_the_thread_count(kernel_library, monke
 def test_a_failed_build_warns_and_leaves_the_eager_spikes(tmp_path, monkeypatch):
     torch.manual_seed(4)
     threshold, currents = torch.rand(1, 4, 1, 1) + 0.5, torch.randn(4, 2, 4, 6, 6)
-    expected = simulate_layer(threshold, currents, 1, "0", monkeypatch)[0]
+    expected = simulate_layer(threshold, currents, 1, "eager")[0]
     fake_compiler = tmp_path / "c++"
     fake_compiler.write_text("#!/bin/sh\necho 'fatal: no such compiler feature' >&2\nexit 1\n")
     fake_compiler.chmod(0o755)
     monkeypatch.setenv("CXX", str(fake_compiler))
     monkeypatch.setenv(native.CACHE_ENV_VAR, str(tmp_path / "cache"))
-    monkeypatch.setattr(neurons, "_compiled_step", lambda key: None)  # no torch.compile with this compiler
     native.library.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="native neuron kernel unavailable.*no such compiler feature"):
             assert native.library() is None
-        assert torch.equal(simulate_layer(threshold, currents, 1, "1", monkeypatch)[0], expected)
+        assert torch.equal(simulate_layer(threshold, currents, 1, "native")[0], expected)
     finally:
         native.library.cache_clear()
     assert not any((tmp_path / "cache").iterdir()), "a failed build leaves nothing in the cache"
