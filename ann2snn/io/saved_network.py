@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import copy
 import io
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -24,7 +26,21 @@ from ann2snn.io.atomic import atomic_write
 from ann2snn.runtime.network import SpikingNetwork
 
 FORMAT = "ann2snn-snn"
-VERSION = 1
+# 2: classes under the subpackages (ann2snn.runtime.network.SpikingNetwork, ...); 1: the flat layout before
+VERSION = 2
+# Where version 1's modules went; ClippedReLU and QCFSQuantizer left ann2snn.layers for the compiler.
+_VERSION_1_MODULES = {
+    "ann2snn.snn": "ann2snn.runtime.network",
+    "ann2snn.neurons": "ann2snn.runtime.neurons",
+    "ann2snn.layers": "ann2snn.runtime.layers",
+    "ann2snn.encoding": "ann2snn.runtime.encoding",
+    "ann2snn.native": "ann2snn.runtime.kernels.native",
+    "ann2snn.observers": "ann2snn.compiler.observers",
+}
+_VERSION_1_CLASSES = {
+    ("ann2snn.layers", "ClippedReLU"): "ann2snn.compiler.quantizer",
+    ("ann2snn.layers", "QCFSQuantizer"): "ann2snn.compiler.quantizer",
+}
 
 
 @dataclass
@@ -96,6 +112,20 @@ def is_saved_network(path: str | Path) -> bool:
     return Path(path).is_file() and _read_container(Path(path)) is not None
 
 
+class _Version1Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        moved = _VERSION_1_CLASSES.get((module, name), _VERSION_1_MODULES.get(module, module))
+        return super().find_class(moved, name)
+
+
+# what torch.load takes as a pickle module: an Unpickler class and a load function
+_PICKLE_MODULES = {
+    1: SimpleNamespace(__name__="ann2snn_version_1_pickle", Unpickler=_Version1Unpickler,
+                       load=lambda file, **kwargs: _Version1Unpickler(file, **kwargs).load()),
+    2: pickle,
+}
+
+
 def load_saved(path: str | Path, map_location: str | torch.device = "cpu") -> SavedNetwork:
     """Everything `save` wrote to `path`. Unpickles code: only for files you produced or trust."""
     path = Path(path)
@@ -104,11 +134,12 @@ def load_saved(path: str | Path, map_location: str | torch.device = "cpu") -> Sa
     container = _read_container(path)
     if container is None:
         raise ValueError(f"{path}: not a spiking network saved by ann2snn.save (no '{FORMAT}' format marker)")
-    if container.get("version") != VERSION:
-        raise ValueError(f"{path}: saved in format version {container.get('version')}; "
-                         f"this ann2snn reads version {VERSION}")
+    version = container.get("version")
+    if version not in _PICKLE_MODULES:
+        raise ValueError(f"{path}: saved in format version {version}; this ann2snn reads versions "
+                         f"{', '.join(map(str, sorted(_PICKLE_MODULES)))}")
     modules = torch.load(io.BytesIO(container["modules"].numpy().tobytes()), map_location=map_location,
-                         weights_only=False)
+                         weights_only=False, pickle_module=_PICKLE_MODULES[version])
     return SavedNetwork(snn=modules["snn"], ann=modules["ann"], metadata=container["metadata"])
 
 
