@@ -28,6 +28,7 @@ REPOSITORY = Path(__file__).resolve().parents[2]
 BASELINES_FILE = REPOSITORY / "calibration" / "baselines.json"
 MANIFESTS_FILE = REPOSITORY / "calibration" / "manifests.json"
 BASELINES_FORMAT = "ann2snn-baselines"
+BASELINES_VERSION = 1
 SHARED_PREFIX = "<shared>/"
 # The one key of an entry's "conversion" that is not a setting of `ConversionConfig`.
 FINE_TUNED_KEY = "fine_tuned_thresholds"
@@ -133,6 +134,9 @@ def load_baselines(path: Path = BASELINES_FILE) -> dict[str, Any]:
     document = json.loads(path.read_text())
     if document.get("format") != BASELINES_FORMAT:
         raise ValueError(f"{path}: not an {BASELINES_FORMAT} file")
+    if document.get("version") != BASELINES_VERSION:
+        raise ValueError(f"{path}: {BASELINES_FORMAT} format version {document.get('version')}; this ann2snn reads "
+                         f"version {BASELINES_VERSION}")
     return document
 
 

@@ -1,8 +1,8 @@
 """From a checkpoint file to a model ready to convert, plus the preprocessing its inputs need.
 
 Accepted checkpoints:
-* the self-describing format written by `save_checkpoint`: {'format': 'ann2snn-checkpoint', 'arch',
-  'arch_kwargs', 'preprocessing', 'state_dict'};
+* the self-describing format written by `save_checkpoint`: {'format': 'ann2snn-checkpoint', 'version',
+  'arch', 'arch_kwargs', 'preprocessing', 'state_dict'};
 * a state dict, bare or wrapped ({'state_dict': ...}, DataParallel `module.` prefixes), with the
   architecture given (`arch`: a name of `models.MODELS` or `torchvision:<name>`) or inferred from the
   file name (`resnet20-cifar10.th` -> resnet20);
@@ -31,6 +31,9 @@ from ann2snn.errors import ConversionWarning
 from ann2snn.io.atomic import atomic_write
 
 CHECKPOINT_FORMAT = "ann2snn-checkpoint"
+CHECKPOINT_VERSION = 1
+# Checkpoints written before the format carried a version (models/*.pt among them) have version 1's layout.
+_UNVERSIONED = 1
 DEFAULT_MEAN = (0.485, 0.456, 0.406)
 DEFAULT_STD = (0.229, 0.224, 0.225)
 DEFAULT_IMAGE_SIZE = (3, 32, 32)
@@ -117,6 +120,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, arch: str, arch_kwargs: 
     path = Path(path)
     document = {
         "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
         "arch": arch,
         "arch_kwargs": dict(arch_kwargs or {}),
         "preprocessing": (preprocessing or Preprocessing()).to_dict(),
@@ -226,6 +230,9 @@ def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | 
     raw = read_checkpoint(path, trust_pickle=trust_pickle)
     state = state_dict_of(raw, path)
     described = raw if isinstance(raw, Mapping) and raw.get("format") == CHECKPOINT_FORMAT else {}
+    if described and described.get("version", _UNVERSIONED) != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: an {CHECKPOINT_FORMAT} file of format version {described['version']}; this "
+                              f"ann2snn reads version {CHECKPOINT_VERSION}")
     settings = {**dict(described.get("preprocessing") or {}), **dict(preprocessing or {})}
     resolved_preprocessing = Preprocessing.from_dict(settings)
 

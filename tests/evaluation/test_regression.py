@@ -29,6 +29,18 @@ def test_every_shipped_model_has_a_baseline(baselines):
     assert shipped and shipped <= checkpoints, f"shipped checkpoints without a baseline: {shipped - checkpoints}"
 
 
+def test_baselines_are_read_only_in_their_format_version(baselines, tmp_path):
+    assert (baselines["format"], baselines["version"]) == ("ann2snn-baselines", 1)
+    path = tmp_path / "baselines.json"
+    for version in (2, None):
+        path.write_text(json.dumps({**baselines, "version": version}))
+        with pytest.raises(ValueError, match=f"ann2snn-baselines format version {version}; this ann2snn reads version 1"):
+            load_baselines(path)
+    path.write_text(json.dumps({**baselines, "format": "something-else"}))
+    with pytest.raises(ValueError, match="not an ann2snn-baselines file"):
+        load_baselines(path)
+
+
 def test_entries_read_as_conversion_configs(baselines):
     """The entries as they are: each "conversion" record is a ConversionConfig's, at the entry's largest T."""
     for name, entry in baselines["models"].items():

@@ -8,7 +8,8 @@ from PIL import Image
 from torch import nn
 
 from ann2snn.io.checkpoint import CheckpointError
-from ann2snn.io.model_loading import Preprocessing, infer_arch, load_model, save_checkpoint
+from ann2snn.io.model_loading import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, Preprocessing, infer_arch, load_model,
+                                      save_checkpoint)
 from ann2snn.zoo import build_model
 
 
@@ -27,6 +28,32 @@ def test_self_describing_checkpoint_needs_no_flags(tmp_path: Path) -> None:
     assert loaded.preprocessing == preprocessing
     assert not loaded.model.training
     assert_same_weights(loaded.model, reference)
+
+
+def test_checkpoints_carry_their_format_version(tmp_path: Path) -> None:
+    """Written with version 1; one without a version (written before checkpoints had one, like the shipped
+    models/*.pt) reads as version 1; another version is refused by number."""
+    reference = build_model("resnet20")
+    path = save_checkpoint(reference, tmp_path / "net.pt", "resnet20", quantization={"qbits": 4})
+    document = torch.load(path, weights_only=True)
+    assert (document["format"], document["version"]) == (CHECKPOINT_FORMAT, CHECKPOINT_VERSION) == (
+        "ann2snn-checkpoint", 1)
+    del document["version"]
+    torch.save(document, path)
+    loaded = load_model(path)
+    assert (loaded.arch, loaded.arch_source, loaded.quantization) == ("resnet20", "checkpoint", {"qbits": 4})
+    assert_same_weights(loaded.model, reference)
+    torch.save({**document, "version": 2}, path)
+    with pytest.raises(CheckpointError, match=r"net.pt: an ann2snn-checkpoint file of format version 2; this ann2snn "
+                                              r"reads version 1"):
+        load_model(path)
+
+
+def test_shipped_checkpoints_without_a_version_load() -> None:
+    shipped = Path(__file__).parents[2] / "models" / "resnet20-q4.pt"
+    assert "version" not in torch.load(shipped, weights_only=True)
+    loaded = load_model(shipped)
+    assert loaded.arch == "resnet20" and set(loaded.quantization) >= {"qbits", "thresholds"}
 
 
 def test_flags_override_the_checkpoint_preprocessing(tmp_path: Path) -> None:
