@@ -100,7 +100,8 @@ def check_labels(labels: torch.Tensor, inputs: int, classes: int, where: str) ->
                          f"tensor of shape {tuple(labels.shape)}")
     out_of_range = labels[(labels < 0) | (labels >= classes)]
     if out_of_range.numel():
-        raise InputError(f"{where}: labels out of range: {_abbreviate([str(v) for v in out_of_range.unique().tolist()])}"
+        raise InputError(f"{where}: labels out of range: "
+                         f"{_abbreviate([str(v) for v in out_of_range.unique().tolist()])}"
                          f", but the model has {classes} outputs (labels 0..{classes - 1}); check that the data and "
                          "the model have the same classes")
 

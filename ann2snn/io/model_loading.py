@@ -215,7 +215,8 @@ _LISTED_LAYERS = 3
 def _mode_dependent_layers(model: nn.Module) -> list[str]:
     """Names of the layers that compute something else in training mode (BatchNorm, dropout): a saved
     training-mode flag matters only where there are some."""
-    names = [name or type(model).__name__ for name, module in model.named_modules() if isinstance(module, _MODE_DEPENDENT)]
+    names = [name or type(model).__name__ for name, module in model.named_modules()
+             if isinstance(module, _MODE_DEPENDENT)]
     return names[:_LISTED_LAYERS] + ([f"{len(names) - _LISTED_LAYERS} more"] if len(names) > _LISTED_LAYERS else [])
 
 

@@ -251,7 +251,8 @@ def assert_signed_network_settles_on_the_qann(snn: ann2snn.SpikingNetwork, x: to
     result = exact.simulate(x.double(), [4096], stop_when_quiet=True)
     expected = qann(x.double())
     assert int(result.steps_used.max()) < 4096, "the signed network never fell quiet"
-    torch.testing.assert_close(result.outputs[4096], expected, rtol=1e-9, atol=1e-9 * (1.0 + float(expected.abs().max())))
+    torch.testing.assert_close(result.outputs[4096], expected, rtol=1e-9,
+                               atol=1e-9 * (1.0 + float(expected.abs().max())))
 
 
 def assert_time_stepping_is_consistent(snn: ann2snn.SpikingNetwork, x: torch.Tensor) -> None:

@@ -108,7 +108,8 @@ def test_torchvision_arch_by_name(tmp_path: Path) -> None:
 def test_unknown_file_name_says_what_to_pass(tmp_path: Path) -> None:
     path = tmp_path / "my_model.pt"
     torch.save(build_model("resnet20").state_dict(), path)
-    with pytest.raises(CheckpointError, match=r"cannot tell the architecture .* pass --arch NAME .*resnet20.*torchvision:"):
+    with pytest.raises(CheckpointError,
+                       match=r"cannot tell the architecture .* pass --arch NAME .*resnet20.*torchvision:"):
         load_model(path)
 
 
@@ -159,7 +160,8 @@ def test_preprocessing_validation_and_transform() -> None:
     assert tensor.shape == (3, 16, 16)
     torch.testing.assert_close(tensor[:, 0, 0], torch.tensor([1.0, -1.0, 1.0]))
     # Tensors in [0, 1] (mnist5k) are taken as they are.
-    assert Preprocessing(mean=[0.0], std=[1.0], image_size=[1, 28, 28]).transform()(torch.ones(1, 28, 28)).shape == (1, 28, 28)
+    identity = Preprocessing(mean=[0.0], std=[1.0], image_size=[1, 28, 28]).transform()
+    assert identity(torch.ones(1, 28, 28)).shape == (1, 28, 28)
 
 
 def test_wrong_channel_count_names_both_sizes() -> None:

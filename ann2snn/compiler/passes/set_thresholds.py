@@ -25,7 +25,8 @@ def set_thresholds(gm: fx.GraphModule, thresholds: Mapping[str, torch.Tensor]) -
     for name, quantizer in quantizers.items():
         theta = torch.as_tensor(thresholds[name], dtype=torch.float32, device=quantizer.theta.device)
         if not torch.isfinite(theta).all() or (theta <= 0).any():
-            raise ConversionError(f"threshold of '{name}' must be finite and positive, got {theta.flatten()[:4].tolist()}")
+            raise ConversionError(f"threshold of '{name}' must be finite and positive, got "
+                                  f"{theta.flatten()[:4].tolist()}")
         # A per-layer threshold is a scalar; a per-channel one keeps its broadcast shape [1, C, 1, ...].
         quantizer.per_channel = theta.dim() > 0
         quantizer.theta = theta.detach().clone()

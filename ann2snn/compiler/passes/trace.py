@@ -45,7 +45,8 @@ class _RecordingTracer(fx.Tracer):
 
 
 def _user_location(error: Exception) -> str:
-    return innermost_user_frame([(f.filename, f.lineno, f.line or "") for f in traceback.extract_tb(error.__traceback__)])
+    frames = traceback.extract_tb(error.__traceback__)
+    return innermost_user_frame([(frame.filename, frame.lineno, frame.line or "") for frame in frames])
 
 
 def _mutates_first_argument(root: nn.Module, node: fx.Node) -> bool:

@@ -135,7 +135,8 @@ def test_percentile_rule_per_channel(model_and_acts) -> None:
             positive = values[values > 0].numpy()
             if positive.size == 0:
                 continue
-            assert abs(float(theta[c]) - float(np.percentile(positive, 95.0, method="inverted_cdf"))) <= width * (1 + 1e-6), (name, c)
+            expected = float(np.percentile(positive, 95.0, method="inverted_cdf"))
+            assert abs(float(theta[c]) - expected) <= width * (1 + 1e-6), (name, c)
 
 
 @pytest.mark.parametrize("qbits", [1, 2, 4])
