@@ -124,14 +124,15 @@ def checkpoint_config(loaded: LoadedModel, config: ConversionConfig | None = Non
                       **settings: Any) -> ConversionConfig:
     """`config` (default: the defaults, at the bits a fine-tuned checkpoint was trained at) with the keyword
     `settings` changed. A qbits mapping without 'default' gives the activations it does not name those same
-    bits."""
+    bits; spike encodings recover the intensity with the checkpoint's normalisation unless told otherwise."""
     fine_tuned_bits = loaded.quantization["qbits"] if loaded.quantization is not None else None
     default_bits = fine_tuned_bits or QuantizationConfig.qbits
-    base = config or ConversionConfig.from_dict({"qbits": default_bits})
     qbits = settings.get("qbits")
     if isinstance(qbits, Mapping) and DEFAULT_KEY not in qbits:
         settings = {**settings, "qbits": {DEFAULT_KEY: default_bits, **qbits}}
-    return base.replace(**settings) if settings else base
+    given = config.to_dict() if config is not None else {"qbits": default_bits}
+    normalisation = {"input_mean": loaded.preprocessing.mean, "input_std": loaded.preprocessing.std}
+    return ConversionConfig.from_dict({**normalisation, **given, **settings})
 
 
 def _fine_tuned_thresholds(loaded: LoadedModel, config: ConversionConfig, *, recalibrate: bool, reallocate: bool,

@@ -92,6 +92,10 @@ def test_checkpoint_config_takes_the_fine_tuned_bits(digits):
     assert checkpoint_config(tuned, qbits={"first": 8}).quantization.qbits == {"default": 2, "first": 8}
     assert checkpoint_config(loaded, ConversionConfig.from_dict({"T": 8}), neuron="signed") == \
         ConversionConfig.from_dict({"T": 8, "neuron": "signed"})
+    poisson = checkpoint_config(loaded, encoding="poisson").encoding
+    assert poisson.input_mean == pytest.approx([0.13]) and poisson.input_std == pytest.approx([0.31])
+    given = checkpoint_config(loaded, ConversionConfig.from_dict({"encoding": "regular", "input_std": [0.5]}))
+    assert (given.encoding.input_mean, given.encoding.input_std) == ((0.0,), (0.5,))
     with pytest.raises(ValueError, match="unknown conversion setting 'steps'"):
         checkpoint_config(loaded, steps=3)
 
