@@ -20,7 +20,7 @@ import torch
 
 from ann2snn.compiler.observers import THRESHOLD_RULES
 from ann2snn.compiler.qbits import QBits, check_qbits_spec
-from ann2snn.runtime.encoding import ENCODINGS, SPIKE_ENCODINGS, check_encoding
+from ann2snn.runtime.encoding import SPIKE_ENCODINGS, check_encoding
 from ann2snn.runtime.network import check_steps
 from ann2snn.runtime.neuron_kinds import neuron_kind
 

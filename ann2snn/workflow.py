@@ -237,8 +237,8 @@ def convert_checkpoint(checkpoint: str | Path | LoadedModel, config: ConversionC
                               qbits_budget=qbits_budget, execution=execution, log=log)
     report = None
     if evaluation is not None:
-        report = evaluate_document(snn, ann, evaluation, model_entry(source, loaded), {"calibration": calibration_entry},
-                                   T_list=T_list, execution=execution)
+        report = evaluate_document(snn, ann, evaluation, model_entry(source, loaded),
+                                   {"calibration": calibration_entry}, T_list=T_list, execution=execution)
     return Conversion(snn, report, ann, loaded.preprocessing)
 
 
@@ -328,7 +328,8 @@ def write_conversion(out: str | Path, conversion: Conversion) -> list[str]:
     with staged_directory(out) as staging:
         save(snn, staging / SNN_FILE, {"model": report["model"], "preprocessing": report["model"]["preprocessing"],
                                         "config": report["config"], "data": report["data"]}, ann=ann)
-        onnx_files = write_onnx_files(snn, staging, CONVERSION_ONNX_FORMATS, input_shape=tuple(preprocessing.image_size))
+        onnx_files = write_onnx_files(snn, staging, CONVERSION_ONNX_FORMATS,
+                                      input_shape=tuple(preprocessing.image_size))
         return [SNN_FILE] + [path.name for path in onnx_files] + [path.name for path in write_report(report, staging)]
 
 

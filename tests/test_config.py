@@ -8,8 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from ann2snn.config import (RECORD_KEYS, ConversionConfig, EncodingConfig, NeuronConfig, QuantizationConfig,
-                            SimulationConfig, quantization_config)
+from ann2snn.config import (
+    RECORD_KEYS,
+    ConversionConfig,
+    EncodingConfig,
+    NeuronConfig,
+    QuantizationConfig,
+    SimulationConfig,
+    quantization_config,
+)
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 

@@ -15,8 +15,15 @@ from ann2snn.config import ConversionConfig
 from ann2snn.io.data import make_loader
 from ann2snn.io.model_loading import load_model
 from ann2snn.training.finetune import quantization_aware
-from ann2snn.workflow import (Execution, Pruning, checkpoint_config, convert_checkpoint, evaluate_saved,
-                              open_data, write_conversion)
+from ann2snn.workflow import (
+    Execution,
+    Pruning,
+    checkpoint_config,
+    convert_checkpoint,
+    evaluate_saved,
+    open_data,
+    write_conversion,
+)
 from tests.helpers import digits_args, digits_checkpoint, run_cli
 
 PREPROCESSING = {"mean": [0.13], "std": [0.31], "image_size": [1, 28, 28]}

@@ -77,7 +77,8 @@ def main() -> None:
     shared = shared_dir()
     subsets = shared / "data" / "cifar10" / "subsets"
     model = load_model(shared / "models" / "resnet20-cifar10.th").model
-    calib = [x for x, _ in make_loader(ListFileDataset(subsets / "train-calib-512.txt", transform=cifar10_transform()), 128)]
+    calibration = ListFileDataset(subsets / "train-calib-512.txt", transform=cifar10_transform())
+    calib = [x for x, _ in make_loader(calibration, 128)]
     test = list(make_loader(ListFileDataset(subsets / "test-1000.txt", transform=cifar10_transform()), 250))
     with torch.no_grad():
         print(f"ANN: {accuracy(model, test):.1f} %")

@@ -18,9 +18,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ann2snn.io.data import shared_dir  # noqa: E402
-from ann2snn.evaluation.regression import BASELINES_FILE, MANIFESTS_FILE, check_manifests, compare, format_table, load_baselines, measure, write_baselines
+from ann2snn.evaluation.regression import (
+    BASELINES_FILE,
+    MANIFESTS_FILE,
+    check_manifests,
+    compare,
+    format_table,
+    load_baselines,
+    measure,
+    write_baselines,
+)
 from ann2snn.io.atomic import atomic_write  # noqa: E402
+from ann2snn.io.data import shared_dir  # noqa: E402
 
 
 def record_manifests(shared: Path) -> None:

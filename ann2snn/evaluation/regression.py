@@ -19,10 +19,10 @@ import torch
 
 from ann2snn.compiler.convert import convert
 from ann2snn.config import ConversionConfig
-from ann2snn.io.data import make_loader, open_dataset
 from ann2snn.evaluation.evaluate import evaluate
-from ann2snn.io.model_loading import load_model
 from ann2snn.io.atomic import atomic_write
+from ann2snn.io.data import make_loader, open_dataset
+from ann2snn.io.model_loading import load_model
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 BASELINES_FILE = REPOSITORY / "calibration" / "baselines.json"

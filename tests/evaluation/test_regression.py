@@ -8,8 +8,17 @@ import json
 import pytest
 
 from ann2snn.config import ConversionConfig
-from ann2snn.evaluation.regression import (BASELINES_FILE, MANIFESTS_FILE, ManifestMismatch, baseline_conversion,
-                                           check_manifests, compare, format_table, load_baselines, measure)
+from ann2snn.evaluation.regression import (
+    BASELINES_FILE,
+    MANIFESTS_FILE,
+    ManifestMismatch,
+    baseline_conversion,
+    check_manifests,
+    compare,
+    format_table,
+    load_baselines,
+    measure,
+)
 
 
 @pytest.fixture(scope="module")
