@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
@@ -71,3 +72,8 @@ def call_sites(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
         if node.op == "call_module":
             sites.setdefault(node.target, []).append(node)
     return sites
+
+
+def floating_dtype(module: nn.Module) -> torch.dtype:
+    """The floating-point dtype a network computes in: its parameters' (float32 when it has none)."""
+    return next((parameter.dtype for parameter in module.parameters() if parameter.is_floating_point()), torch.float32)

@@ -49,8 +49,11 @@ class QCFSQuantizer(nn.Module):
     def step(self) -> torch.Tensor:
         return self.theta / self.levels
 
-    def set_threshold(self, theta: torch.Tensor, ndim: int) -> None:
-        theta = theta.detach().float().clamp_min(torch.finfo(torch.float32).tiny)
+    def set_threshold(self, theta: torch.Tensor, ndim: int, dtype: torch.dtype = torch.float32) -> None:
+        """Set theta in `dtype`, the network's: a float64 network's thresholds rounded to float32 would make
+        its spike thresholds and balanced weights differ from the QANN's steps by float32 rounding, and
+        pre-activations that close to a level boundary (one in ~10**7) land one level apart."""
+        theta = theta.detach().to(dtype).clamp_min(torch.finfo(dtype).tiny)
         self.theta = theta.reshape(()) if theta.numel() == 1 and not self.per_channel else channel_shaped(theta, ndim)
 
     def quantized_level(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,12 +9,12 @@ from typing import Any, Iterable, Iterator
 import torch
 import torch.fx as fx
 
-from ann2snn.io.batches import device_of, model_inputs
-from ann2snn.compiler.observers import all_reduce_observers
+from ann2snn.compiler.graph_utils import floating_dtype
+from ann2snn.compiler.observers import HistogramObserver, all_reduce_observers
+from ann2snn.compiler.quantizer import QCFSQuantizer
 from ann2snn.distributed import require_on_every_process
 from ann2snn.errors import ConversionError
-from ann2snn.compiler.quantizer import QCFSQuantizer
-from ann2snn.compiler.observers import HistogramObserver
+from ann2snn.io.batches import device_of, model_inputs
 
 
 @contextmanager
@@ -40,9 +40,10 @@ def calibrate_thresholds(gm: fx.GraphModule, batches: Iterable[Any], rule: str =
         require_on_every_process(seen > 0, "the calibration loader yielded no batches")
         # Under torchrun every process saw its own shard; thresholds are chosen from all of them.
         all_reduce_observers({name: quantizer.observer for name, quantizer in quantizers.items()})
+        dtype = floating_dtype(gm)
         for name, quantizer in quantizers.items():
             if quantizer.observer.max is None:
                 raise ConversionError(f"activation '{name}' was never reached by the calibration data")
             quantizer.set_threshold(quantizer.observer.threshold(rule, quantizer.levels, percentile),
-                                    quantizer.observer.ndim)
+                                    quantizer.observer.ndim, dtype)
     return gm

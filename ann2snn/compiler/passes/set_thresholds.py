@@ -8,8 +8,9 @@ from collections.abc import Mapping
 import torch
 import torch.fx as fx
 
-from ann2snn.errors import ConversionError
+from ann2snn.compiler.graph_utils import floating_dtype
 from ann2snn.compiler.quantizer import QCFSQuantizer
+from ann2snn.errors import ConversionError
 
 
 def set_thresholds(gm: fx.GraphModule, thresholds: Mapping[str, torch.Tensor]) -> fx.GraphModule:
@@ -22,8 +23,9 @@ def set_thresholds(gm: fx.GraphModule, thresholds: Mapping[str, torch.Tensor]) -
     if problems:
         raise ConversionError(f"the given thresholds do not match the model's activations: {'; '.join(problems)}. "
                               "Were they fine-tuned on a different architecture?")
+    dtype = floating_dtype(gm)
     for name, quantizer in quantizers.items():
-        theta = torch.as_tensor(thresholds[name], dtype=torch.float32, device=quantizer.theta.device)
+        theta = torch.as_tensor(thresholds[name], dtype=dtype, device=quantizer.theta.device)
         if not torch.isfinite(theta).all() or (theta <= 0).any():
             raise ConversionError(f"threshold of '{name}' must be finite and positive, got "
                                   f"{theta.flatten()[:4].tolist()}")
