@@ -52,12 +52,12 @@ sys.path.insert(0, str(REPO))
 
 import ann2snn  # noqa: E402
 from ann2snn.compiler.convert import prepare_pipeline  # noqa: E402
-from ann2snn.io.data import ListFileDataset, cifar10_transform, make_loader, shared_dir  # noqa: E402
-from ann2snn.evaluation.evaluate import device_name  # noqa: E402
 from ann2snn.compiler.quantizer import ClippedReLU  # noqa: E402
+from ann2snn.evaluation.evaluate import device_name  # noqa: E402
+from ann2snn.io.atomic import atomic_write  # noqa: E402
+from ann2snn.io.data import ListFileDataset, cifar10_transform, make_loader, shared_dir  # noqa: E402
 from ann2snn.io.model_loading import load_model  # noqa: E402
 from ann2snn.runtime.memory import PeakMemory  # noqa: E402
-from ann2snn.io.atomic import atomic_write  # noqa: E402
 from ann2snn.runtime.network import SIMULATION_MEMORY_FORMAT  # noqa: E402
 from ann2snn.zoo import build_model  # noqa: E402
 
@@ -212,8 +212,10 @@ class SpikingJelly:
     """SpikingJelly's conversion and simulation of a model (None when it is not installed)."""
 
     def __init__(self):
-        from spikingjelly.activation_based import ann2snn as conversion, functional
         import importlib.metadata
+
+        from spikingjelly.activation_based import ann2snn as conversion
+        from spikingjelly.activation_based import functional
         self.conversion, self.functional = conversion, functional
         self.version = importlib.metadata.version("spikingjelly")
 

@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--qbits", type=int, default=4)
     args = parser.parse_args()
     T_list = [int(t) for t in args.T_list.split(",")]
-    print(f"| model | neuron | reference | " + " | ".join(f"T={T}" for T in T_list) + " |")
+    print("| model | neuron | reference | " + " | ".join(f"T={T}" for T in T_list) + " |")
     print("|---|---|---|" + "---|" * len(T_list))
     for name, shape in MODELS.items():
         torch.manual_seed(0)

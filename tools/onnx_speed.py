@@ -20,9 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ann2snn  # noqa: E402
+from ann2snn.interop.onnx import FILE_NAMES, FORMATS, onnx_models, save_onnx  # noqa: E402
 from ann2snn.io.data import ListFileDataset, cifar10_transform, make_loader, shared_dir  # noqa: E402
 from ann2snn.io.model_loading import load_model  # noqa: E402
-from ann2snn.interop.onnx import FILE_NAMES, FORMATS, onnx_models, save_onnx  # noqa: E402
 from ann2snn.zoo import build_model  # noqa: E402
 
 INPUT_SHAPE = (3, 32, 32)
@@ -37,7 +37,8 @@ def networks(batch: int) -> dict[str, tuple[torch.nn.Module, list[torch.Tensor],
         subsets = shared / "data" / "cifar10" / "subsets"
         calibration = [x for x, _ in make_loader(ListFileDataset(subsets / "train-calib-512.txt",
                                                                   transform=cifar10_transform()), 128)]
-        test = next(iter(make_loader(ListFileDataset(subsets / "test-1000.txt", transform=cifar10_transform()), batch)))[0]
+        test_data = ListFileDataset(subsets / "test-1000.txt", transform=cifar10_transform())
+        test = next(iter(make_loader(test_data, batch)))[0]
         found["resnet20 (shared)"] = (load_model(checkpoint).model, calibration, test)
     else:
         print(f"({checkpoint} not found: the shared ResNet-20 is left out)")
@@ -73,7 +74,8 @@ def main() -> None:
 
     print(f"batch {args.batch}, {args.threads} thread(s), neuron {args.neuron}, onnxruntime {onnxruntime.__version__}, "
           f"torch {torch.__version__}")
-    rows = ["| network | T | PyTorch img/s | onnxruntime img/s | speed-up | max rel. difference |", "|---|---|---|---|---|---|"]
+    rows = ["| network | T | PyTorch img/s | onnxruntime img/s | speed-up | max rel. difference |",
+            "|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as directory:
         for name, (model, calibration, x) in networks(args.batch).items():
             snn = ann2snn.convert(model, calibration, qbits=4, T=max(T_list), neuron=args.neuron, per_channel=True,

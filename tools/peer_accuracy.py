@@ -19,12 +19,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import Images, SpikingJelly, table  # noqa: E402
+
 import ann2snn  # noqa: E402
 from ann2snn.evaluation.evaluate import EvaluationReport  # noqa: E402
+from ann2snn.interop.spikingjelly import from_spikingjelly  # noqa: E402
 from ann2snn.io.data import cifar10_transform, make_loader, open_dataset, shared_dir, stratified_subset  # noqa: E402
 from ann2snn.io.model_loading import load_model  # noqa: E402
-from ann2snn.interop.spikingjelly import from_spikingjelly  # noqa: E402
-from bench import Images, SpikingJelly, table  # noqa: E402
 
 
 def row(name: str, report: EvaluationReport, T_list: list[int]) -> list[object]:
@@ -35,7 +36,8 @@ def row(name: str, report: EvaluationReport, T_list: list[int]) -> list[object]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", type=Path, default=Path(__file__).resolve().parents[1] / "models" / "resnet20.pt")
+    parser.add_argument("--checkpoint", type=Path,
+                        default=Path(__file__).resolve().parents[1] / "models" / "resnet20.pt")
     parser.add_argument("--eval-size", type=int, default=500)
     parser.add_argument("--T-list", type=lambda text: [int(t) for t in text.split(",")], default=[16, 32])
     args = parser.parse_args(argv)

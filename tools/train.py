@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ann2snn.compiler.convert import quantize  # noqa: E402
 from ann2snn.io.data import open_dataset, shared_dir  # noqa: E402
-from ann2snn.training.finetune import TrainingConfig, accuracy, finetune, train  # noqa: E402
 from ann2snn.io.model_loading import Preprocessing, load_model, save_checkpoint  # noqa: E402
 from ann2snn.training.batches import TensorBatches, decode_images  # noqa: E402
+from ann2snn.training.finetune import TrainingConfig, accuracy, finetune, train  # noqa: E402
 from ann2snn.zoo import build_model  # noqa: E402
 
 
@@ -36,8 +36,10 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--arch", help="train this zoo architecture from scratch (e.g. resnet20, mobilenet_v2_cifar)")
     source.add_argument("--init", type=Path, help="start from this checkpoint (any form `ann2snn convert` reads)")
-    parser.add_argument("--arch-kwargs", type=json.loads, default={}, help='constructor arguments as JSON, e.g. \'{"width_mult": 0.5}\'')
-    parser.add_argument("--qbits", type=int, help="fine-tune with QCFS quantizers of this many bits (default: plain ANN)")
+    parser.add_argument("--arch-kwargs", type=json.loads, default={},
+                        help='constructor arguments as JSON, e.g. \'{"width_mult": 0.5}\'')
+    parser.add_argument("--qbits", type=int,
+                        help="fine-tune with QCFS quantizers of this many bits (default: plain ANN)")
     parser.add_argument("--per-channel", action="store_true", help="one learnable threshold per channel")
     parser.add_argument("--epochs", type=int, required=True)
     parser.add_argument("--lr", type=float, default=0.1)
@@ -47,7 +49,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train", help="training data (default <shared>/data/cifar10/train)")
-    parser.add_argument("--eval", help="accuracy printed per epoch (default <shared>/data/cifar10/subsets/test-1000.txt)")
+    parser.add_argument("--eval",
+                        help="accuracy printed per epoch (default <shared>/data/cifar10/subsets/test-1000.txt)")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint to write")
     parser.add_argument("--half", action="store_true", help="store floating-point weights as float16 (smaller files)")
     parser.add_argument("--trust-pickle", action="store_true", help="allow a pickled --init checkpoint")

@@ -4,23 +4,33 @@ from __future__ import annotations
 import copy
 import itertools
 import warnings
-from functools import partial
 from collections.abc import Mapping
+from functools import partial
 from typing import Any, Iterable
 
 import torch.fx as fx
 import torch.nn as nn
 
 from ann2snn.compiler import passes
-from ann2snn.compiler.passes import balance_thresholds, calibrate_thresholds, emit_neurons, insert_encoder, insert_quantizers, normalize_activations, remove_identities, set_thresholds, trace
+from ann2snn.compiler.pass_manager import PassManager
+from ann2snn.compiler.passes import (
+    balance_thresholds,
+    calibrate_thresholds,
+    emit_neurons,
+    insert_encoder,
+    insert_quantizers,
+    normalize_activations,
+    remove_identities,
+    set_thresholds,
+    trace,
+)
 from ann2snn.compiler.qbits import QBits, quantizer_bits
 from ann2snn.config import ConversionConfig, QuantizationConfig, quantization_config
-from ann2snn.runtime.encoding import SPIKE_ENCODINGS, InputEncoder
-from ann2snn.runtime.neuron_kinds import neuron_kind
-from ann2snn.io.batches import batch_input, check_input_batch, check_model_accepts, device_of
 from ann2snn.errors import ConversionWarning
-from ann2snn.compiler.pass_manager import PassManager
+from ann2snn.io.batches import batch_input, check_input_batch, check_model_accepts, device_of
+from ann2snn.runtime.encoding import SPIKE_ENCODINGS, InputEncoder
 from ann2snn.runtime.network import SpikingNetwork
+from ann2snn.runtime.neuron_kinds import neuron_kind
 
 
 def _eval_copy(model: nn.Module) -> nn.Module:

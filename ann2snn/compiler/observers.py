@@ -8,6 +8,7 @@ import torch
 
 from ann2snn import distributed
 
+
 def range_above(top: float) -> float:
     """The histogram range for a maximum `top`: the smallest power of two above it (0 while only
     zeros have been seen, since zeros fit any range)."""

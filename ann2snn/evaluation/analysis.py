@@ -32,12 +32,12 @@ import torch.nn as nn
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from ann2snn.io.batches import device_of, model_inputs
-from ann2snn.distributed import reduce_over_processes, require_on_every_process
-from ann2snn.compiler.quantizer import ClippedReLU, QCFSQuantizer
 from ann2snn.compiler.qbits import quantizer_bits
+from ann2snn.compiler.quantizer import ClippedReLU, QCFSQuantizer
+from ann2snn.distributed import reduce_over_processes, require_on_every_process
 from ann2snn.evaluation.report import save_figure, text_table
 from ann2snn.io.atomic import atomic_write
+from ann2snn.io.batches import device_of, model_inputs
 from ann2snn.runtime.network import SpikingNetwork, check_steps
 from ann2snn.runtime.neuron_kinds import neuron_kind
 

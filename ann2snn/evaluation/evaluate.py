@@ -18,12 +18,19 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from ann2snn.io.batches import batch_input, batch_labels, check_input_batch, check_labels, check_model_accepts, device_of
 from ann2snn.distributed import reduce_over_processes, require_on_every_process, world_size
+from ann2snn.evaluation.synops import E_AC_PJ, E_MAC_PJ, ENERGY_REFERENCE, SynapticOperationCounter
+from ann2snn.io.batches import (
+    batch_input,
+    batch_labels,
+    check_input_batch,
+    check_labels,
+    check_model_accepts,
+    device_of,
+)
 from ann2snn.runtime.layers import TemporalModule
 from ann2snn.runtime.memory import MEBIBYTE, PeakMemory, plan_chunk_size, simulation_footprint
 from ann2snn.runtime.network import SpikingNetwork, check_steps
-from ann2snn.evaluation.synops import E_AC_PJ, E_MAC_PJ, ENERGY_REFERENCE, SynapticOperationCounter
 
 REPORT_FORMAT = "ann2snn-report"
 REPORT_VERSION = 1

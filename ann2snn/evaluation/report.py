@@ -60,7 +60,8 @@ def _network_rows(document: Document) -> tuple[list[str], list[list[str]]]:
         key = str(T)
         ratio = ratios.get(key)
         rows.append(["SNN", key, _percent(accuracy["snn"][key]), _percent(agreement.get(key)),
-                     si_prefixed(document["spikes"]["per_image"][key]), si_prefixed(document["snn_macs_per_image"][key]),
+                     si_prefixed(document["spikes"]["per_image"][key]),
+                     si_prefixed(document["snn_macs_per_image"][key]),
                      si_prefixed(document["synops_per_image"][key]), _energy(energy["snn_uj_per_image"][key]),
                      "–" if ratio is None else f"{ratio:.2f}"])
     return header, rows

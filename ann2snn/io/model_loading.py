@@ -24,11 +24,10 @@ import torch.nn as nn
 import torchvision.transforms.functional as TF
 from torchvision import transforms
 
-from ann2snn.zoo import MODELS, TORCHVISION_PREFIX, build_model
-
-from ann2snn.io.checkpoint import CheckpointError, fit_state_dict, read_checkpoint, state_dict_of
 from ann2snn.errors import ConversionWarning
 from ann2snn.io.atomic import atomic_write
+from ann2snn.io.checkpoint import CheckpointError, fit_state_dict, read_checkpoint, state_dict_of
+from ann2snn.zoo import MODELS, TORCHVISION_PREFIX, build_model
 
 CHECKPOINT_FORMAT = "ann2snn-checkpoint"
 CHECKPOINT_VERSION = 1

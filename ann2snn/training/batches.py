@@ -58,7 +58,8 @@ class TensorBatches:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         self.epoch += 1
-        order = torch.randperm(len(self.images), generator=generator) if self.shuffle else torch.arange(len(self.images))
+        count = len(self.images)
+        order = torch.randperm(count, generator=generator) if self.shuffle else torch.arange(count)
         for start in range(0, len(order), self.batch_size):
             indices = order[start:start + self.batch_size]
             images = self.images[indices]

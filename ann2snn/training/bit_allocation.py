@@ -7,8 +7,8 @@ output distribution from the ANN's, averaged over the probe images. Allocation: 
 the highest candidate; while the mean bits per neuron (each activation weighted by its number of neurons, so
 that the budget bounds the total) exceeds the budget, the activation whose next bit down costs the least KL
 per neuron-bit saved loses one bit; budget the last step left unspent then goes back, a bit at a time, to the
-activations where it reduces the KL most per neuron-bit. Fewer bits also mean fewer spikes: a signed neuron fires at most
-2**bits - 1 times, a rate-coded one represents that many levels.
+activations where it reduces the KL most per neuron-bit. Fewer bits also mean fewer spikes: a signed neuron fires at
+most 2**bits - 1 times, a rate-coded one represents that many levels.
 """
 from __future__ import annotations
 
@@ -27,11 +27,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ann2snn.compiler.convert import quantize
-from ann2snn.config import QuantizationConfig
-from ann2snn.io.batches import device_of, model_inputs
-from ann2snn.distributed import reduce_over_processes
-from ann2snn.compiler.quantizer import QCFSQuantizer
 from ann2snn.compiler.qbits import DEFAULT_KEY, assigned_bits, check_qbits, check_qbits_spec, quantizer_bits
+from ann2snn.compiler.quantizer import QCFSQuantizer
+from ann2snn.config import QuantizationConfig
+from ann2snn.distributed import reduce_over_processes
+from ann2snn.io.batches import device_of, model_inputs
 
 DEFAULT_MIN_BITS = 2
 DEFAULT_MAX_BITS = 8

@@ -28,13 +28,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ann2snn.compiler.convert import prepare_pipeline
-from ann2snn.compiler.qbits import QBits
-from ann2snn.config import QUANTIZATION_KEYS, QuantizationConfig, quantization_config
-from ann2snn.io.batches import batch_input, batch_labels, device_of
-from ann2snn.compiler.quantizer import QCFSQuantizer
-from ann2snn.compiler.passes import calibrate_thresholds, insert_quantizers
 from ann2snn.compiler.pass_manager import PassManager
+from ann2snn.compiler.passes import calibrate_thresholds, insert_quantizers
+from ann2snn.compiler.qbits import QBits
+from ann2snn.compiler.quantizer import QCFSQuantizer
+from ann2snn.config import QUANTIZATION_KEYS, QuantizationConfig, quantization_config
 from ann2snn.io.atomic import atomic_write
+from ann2snn.io.batches import batch_input, batch_labels, device_of
 
 # Enough calibration batches to start the thresholds near their optimum; fine-tuning does the rest.
 DEFAULT_CALIBRATION_BATCHES = 8

@@ -26,10 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.utils.prune as torch_prune
 
-from ann2snn.training.finetune import TrainingConfig, fit
-from ann2snn.compiler.ops import CONVS, WEIGHTED
-from ann2snn.compiler.ops import BATCHNORMS
+from ann2snn.compiler.ops import BATCHNORMS, CONVS, WEIGHTED
 from ann2snn.compiler.passes.trace import trace
+from ann2snn.training.finetune import TrainingConfig, fit
 
 PRUNE_MODES = ("magnitude", "channel")
 DEFAULT_FINETUNE_LR = 0.01

@@ -16,8 +16,8 @@ import torch.nn as nn
 
 from ann2snn.compiler.graph_utils import free_name, insert_module_after, is_module, is_number, replace_with_module
 from ann2snn.compiler.ops import Role, is_shape_value, op_of, role_of
-from ann2snn.runtime.layers import AddBias, ChannelAffine, Scale, SpikingMaxPool
 from ann2snn.compiler.quantizer import QCFSQuantizer
+from ann2snn.runtime.layers import AddBias, ChannelAffine, Scale, SpikingMaxPool
 from ann2snn.runtime.neuron_kinds import neuron_kind
 from ann2snn.runtime.neurons import SpikingNeuron
 

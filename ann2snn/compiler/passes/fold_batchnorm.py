@@ -9,9 +9,9 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from ann2snn.errors import ConversionError, describe_node
 from ann2snn.compiler.graph_utils import call_sites, is_module, replace_with_module
 from ann2snn.compiler.ops import Role, role_of
+from ann2snn.errors import ConversionError, describe_node
 from ann2snn.runtime.layers import ChannelAffine
 
 

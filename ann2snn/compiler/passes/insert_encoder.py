@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ann2snn.runtime.encoding import InputEncoder
 from ann2snn.compiler.graph_utils import insert_module_after
+from ann2snn.runtime.encoding import InputEncoder
 
 
 def insert_encoder(gm: fx.GraphModule, encoder: InputEncoder) -> fx.GraphModule:

@@ -8,9 +8,9 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from ann2snn.compiler.quantizer import ClippedReLU, QCFSQuantizer
 from ann2snn.errors import ConversionError, innermost_user_frame
 from ann2snn.runtime.layers import ChannelAffine, Scale, TemporalModule
-from ann2snn.compiler.quantizer import ClippedReLU, QCFSQuantizer
 
 LEAF_TYPES: tuple[type, ...] = (ClippedReLU, QCFSQuantizer, ChannelAffine, Scale, TemporalModule)
 
