@@ -290,6 +290,8 @@ def save(snn: SpikingNetwork, path: str | Path, metadata: dict[str, Any] | None 
          ann: nn.Module | None = None) -> Path:
     """Save `snn` (with its QANN), and optionally the `ann` it was converted from (stored as its torch.fx
     trace, so that reloading needs no model code), to `path`; see `ann2snn.io.saved_network.save`."""
+    if not isinstance(snn, SpikingNetwork):
+        raise TypeError(f"expected a SpikingNetwork, got {type(snn).__name__}")
     return saved_network.save(snn, path, metadata, ann=trace(ann) if ann is not None else None)
 
 

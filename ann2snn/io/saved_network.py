@@ -16,14 +16,16 @@ import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from ann2snn.io.atomic import atomic_write
-from ann2snn.runtime.network import SpikingNetwork
+
+if TYPE_CHECKING:  # io sits below the runtime: it stores its networks without importing it
+    from ann2snn.runtime.network import SpikingNetwork
 
 FORMAT = "ann2snn-snn"
 # 2: classes under the subpackages (ann2snn.runtime.network.SpikingNetwork, ...); 1: the flat layout before
@@ -74,7 +76,7 @@ def save(snn: SpikingNetwork, path: str | Path, metadata: dict[str, Any] | None 
     no model code either. `metadata`
     must hold plain data (dicts, lists, strings, numbers, booleans, None). The network's simulation
     state is not saved; `snn` itself is left untouched."""
-    if not isinstance(snn, SpikingNetwork):
+    if not isinstance(snn, nn.Module):
         raise TypeError(f"expected a SpikingNetwork, got {type(snn).__name__}")
     path = Path(path)
     network = _portable(snn)
