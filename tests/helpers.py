@@ -1,6 +1,7 @@
 """Helpers shared by the tests."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,23 @@ def randomize_bn(model: nn.Module, mean: float = 0.5, var: tuple[float, float] =
                     m.weight.uniform_(*weight)
                     m.bias.uniform_(*bias)
     return model
+
+
+def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> None:
+    """actual equals expected up to rel, relative to expected's largest magnitude."""
+    actual, expected = actual.detach(), expected.detach()
+    torch.testing.assert_close(actual, expected, rtol=rel, atol=rel * float(expected.abs().max()))
+
+
+class RunsCallWhenUnpickled:
+    """Unpickling this calls function(*args): a stand-in for a malicious payload."""
+
+    def __init__(self, function: Callable[..., object], *args: str) -> None:
+        self.function = function
+        self.args = args
+
+    def __reduce__(self) -> tuple[Callable[..., object], tuple[str, ...]]:
+        return self.function, self.args
 
 
 def qann_levels(qann: nn.Module, x: torch.Tensor, names) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -19,18 +19,18 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import ann2snn
 from ann2snn import distributed
-from ann2snn.distributed import process_group, reduce_over_processes, require_on_every_process, shard
 from ann2snn.compiler.quantizer import QCFSQuantizer
+from ann2snn.distributed import process_group, reduce_over_processes, require_on_every_process, shard
 from ann2snn.io.model_loading import Preprocessing, save_checkpoint
 from ann2snn.zoo import build_model
 from tests.helpers import randomize_bn
+from tests.networks import ResidualNet
 
 CALIBRATIONS = [(rule, per_channel) for rule in ("max", "percentile", "mse") for per_channel in (False, True)]
 BATCH = 5
@@ -79,21 +79,6 @@ def test_a_single_process_is_left_alone() -> None:
 
 # ---------------------------------------------------------------------------------------------------
 # The Python API in several processes
-
-
-class ResidualNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.pool = nn.MaxPool2d(2)
-        self.fc = nn.Linear(8 * 4 * 4, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu(self.bn1(self.conv1(x)))
-        y = F.relu(self.conv2(y) + y)
-        return self.fc(self.pool(y).flatten(1))
 
 
 def model_and_data() -> tuple[nn.Module, TensorDataset]:

@@ -26,8 +26,15 @@ from ann2snn.cli.main import main
 from ann2snn.errors import ConversionError, ConversionWarning, InputError
 from ann2snn.io.saved_network import load_saved
 from ann2snn.zoo import build_model
-from tests.helpers import assert_one_line_error, digits_args, digits_checkpoint, randomize_bn, run_cli
-from tests.io.test_checkpoint import RunsCallWhenUnpickled
+from tests.helpers import (
+    RunsCallWhenUnpickled,
+    assert_one_line_error,
+    digits_args,
+    digits_checkpoint,
+    randomize_bn,
+    run_cli,
+)
+from tests.networks import cnn
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 SEED = ("--seed", "3")  # the stratified subsets of calibration and evaluation images depend on it
@@ -177,8 +184,7 @@ def test_labels_out_of_range(capsys, tmp_path: Path) -> None:
 
 
 def small_cnn() -> nn.Module:
-    return randomize_bn(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                                      nn.Flatten(), nn.Linear(4, 3))).eval()
+    return randomize_bn(cnn(1, [4], 4, 3, padding=0, pool=nn.AdaptiveAvgPool2d(1))).eval()
 
 
 def test_api_calibration_loaders_that_cannot_calibrate() -> None:

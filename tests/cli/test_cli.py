@@ -20,6 +20,7 @@ from ann2snn.io.model_loading import Preprocessing, save_checkpoint
 from ann2snn.zoo import build_model
 from tests.helpers import assert_one_line_error, digits_args, digits_checkpoint
 from tests.helpers import run_cli as run
+from tests.networks import cnn
 
 REPORT_FILES = {"report.json", "report.md", "accuracy_vs_T.png", "spikes_per_layer.png"}
 CONVERSION_FILES = REPORT_FILES | {"snn.pt", "snn.onnx", "snn-step.onnx"}
@@ -135,8 +136,7 @@ def test_cifar10_data_in_torchvision_format(capsys, resnet20_checkpoint: Path, t
 
 def mnist_checkpoint(directory: Path) -> Path:
     """A small CNN for 1x28x28 digits, pickled whole (its class is torch's own)."""
-    model = nn.Sequential(nn.Conv2d(1, 4, 5, stride=2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                          nn.Linear(4 * 6 * 6, 10)).eval()
+    model = cnn(1, [4], 4 * 6 * 6, 10, kernel=5, stride=2, padding=0, batchnorm=False, pool=nn.MaxPool2d(2)).eval()
     path = directory / "digits.pt"
     torch.save(model, path)
     return path

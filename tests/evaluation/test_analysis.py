@@ -10,17 +10,15 @@ import torch
 from torch import nn
 
 import ann2snn
-from ann2snn.runtime import network
 from ann2snn.evaluation.analysis import ANALYSIS_JSON, analyze, write_analysis
+from ann2snn.runtime import network
 from tests.helpers import digits_args, digits_checkpoint, randomize_bn, run_cli
+from tests.networks import ResidualNet, cnn
 
 
 def build() -> nn.Module:
     torch.manual_seed(0)
-    return randomize_bn(nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AvgPool2d(2),
-        nn.Flatten(), nn.Linear(8 * 4 * 4, 10))).eval()
+    return randomize_bn(cnn(3, [8, 8], 8 * 4 * 4, 10, pool=nn.AvgPool2d(2))).eval()
 
 
 def batches(count: int = 2, seed: int = 1) -> list[torch.Tensor]:
@@ -51,26 +49,12 @@ def test_rate_coded_error_falls_with_T_and_clipping_is_measured() -> None:
     assert len(first.scatter["ann"]) == len(first.scatter["snn"]) > 0
 
 
-class Residual(nn.Module):
-    """A residual add whose neuron balancing rescales (its threshold is no longer the value of a spike)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv = nn.Conv2d(8, 8, 3, padding=1)
-        self.fc = nn.Linear(8 * 8 * 8, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.stem(x))
-        x = torch.relu(self.conv(x) + x)
-        return self.fc(x.flatten(1))
-
-
 def test_layers_after_a_balanced_add_in_sub_batched_simulations(monkeypatch) -> None:
     # a working set of one row: the simulator would split every batch into single samples
     monkeypatch.setattr(network, "WORKING_SET_BYTES", 1)
     torch.manual_seed(0)
-    snn = ann2snn.convert(Residual().eval(), batches(), qbits=3, T=256, neuron="signed-rate", threshold_rule="max")
+    model = ResidualNet(batchnorm=False, pool=False, classes=10).eval()
+    snn = ann2snn.convert(model, batches(), qbits=3, T=256, neuron="signed-rate", threshold_rule="max")
     add_neuron = snn.neurons["relu_1"]
     assert not torch.equal(add_neuron.v_threshold, snn.qann.get_submodule("relu_1").theta)
     analysis = analyze(snn, batches(), [256])

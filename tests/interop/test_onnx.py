@@ -26,8 +26,8 @@ from ann2snn.io.data import ListFileDataset, cifar10_transform, make_loader
 from ann2snn.io.model_loading import Preprocessing, load_model
 from ann2snn.runtime.layers import TemporalModule
 from ann2snn.zoo import build_model
-from tests.helpers import randomize_bn
-from tests.runtime.test_network import assert_rel_close, build, calibration
+from tests.helpers import assert_rel_close, randomize_bn
+from tests.networks import build, calibration
 
 STANDARD_DOMAINS = {"", "ai.onnx"}
 
@@ -152,7 +152,8 @@ def test_state_names_and_model_metadata() -> None:
     expected = {f"{layer}.{state}" for layer in snn.neurons for state in ("v", "count", "spike_count")}
     expected |= {f"{pool}.{state}" for pool in ("pool", "max_pool2d") for state in ("running_sum", "running_max")}
     assert set(inputs[2:]) == expected
-    assert [value.name for value in model.graph.output] == ["output", "t.next"] + [name + ".next" for name in inputs[2:]]
+    expected_outputs = ["output", "t.next"] + [name + ".next" for name in inputs[2:]]
+    assert [value.name for value in model.graph.output] == expected_outputs
     properties = {entry.key: entry.value for entry in model.metadata_props}
     assert properties["ann2snn.format"] == "single-step" and properties["ann2snn.coding"] == "accumulate"
 
@@ -198,7 +199,8 @@ def resnet20(shared):
     model = load_model(shared / "models" / "resnet20-cifar10.th").model
     calibration_batch = next(iter(make_loader(ListFileDataset(subsets / "train-calib-512.txt",
                                                               transform=cifar10_transform()), 128)))[0]
-    test_batch = next(iter(make_loader(ListFileDataset(subsets / "test-1000.txt", transform=cifar10_transform()), 8)))[0]
+    test_data = ListFileDataset(subsets / "test-1000.txt", transform=cifar10_transform())
+    test_batch = next(iter(make_loader(test_data, 8)))[0]
     return model, [calibration_batch], test_batch
 
 
@@ -223,7 +225,8 @@ def test_resnet20_snn(resnet20, neuron: str) -> None:
     model, calibration_batches, x = resnet20
     T = 8
     snn = on_dyadic_grid(ann2snn.convert(model, calibration_batches, qbits=4, T=T, neuron=neuron, per_channel=True,
-                                         threshold_rule="percentile", max_spikes_per_step=1 if neuron != "signed" else 4))
+                                         threshold_rule="percentile",
+                                         max_spikes_per_step=1 if neuron != "signed" else 4))
     models = onnx_models(snn, ("single-step", "t-step"))
     x = to_grid(x[:4])
     assert_single_step_equals_step(models["single-step"], snn, x, T)

@@ -3,7 +3,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 from torch import nn
 
 from ann2snn.io.checkpoint import CheckpointError, load_into, load_state_dict
+from tests.helpers import RunsCallWhenUnpickled
 
 
 def tiny_model() -> nn.Sequential:
@@ -60,17 +60,6 @@ def test_pickled_module_needs_trust(tmp_path: Path) -> None:
 
     state = load_state_dict(path, trust_pickle=True)
     assert list(state) == list(model.state_dict())
-
-
-class RunsCallWhenUnpickled:
-    """Unpickling this calls function(*args): a stand-in for a malicious payload."""
-
-    def __init__(self, function: Callable[..., object], *args: str) -> None:
-        self.function = function
-        self.args = args
-
-    def __reduce__(self) -> tuple[Callable[..., object], tuple[str, ...]]:
-        return self.function, self.args
 
 
 # torch words its refusal differently for blocklisted modules (os) and for other

@@ -10,8 +10,8 @@ import torch
 
 import ann2snn
 from ann2snn.runtime.encoding import InputEncoder
-from tests.helpers import digits_args, digits_checkpoint, run_cli
-from tests.runtime.test_network import assert_rel_close, build
+from tests.helpers import assert_rel_close, digits_args, digits_checkpoint, run_cli
+from tests.networks import build
 
 MEAN, STD = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
 

@@ -1,71 +1,15 @@
 """SpikingNetwork: chunked simulation, streaming, several T per run, and exact equivalence of signed SNNs."""
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import ann2snn
 from ann2snn.runtime import network
 from ann2snn.runtime.neurons import IFNeuron, SignedNeuron
-from tests.helpers import randomize_bn
-
-randomize_bn_wide = functools.partial(randomize_bn, bias=(-0.3, 0.5))
-
-
-
-
-
-class MixNet(nn.Module):
-    """Conv/BN, depthwise conv, residual add, max/avg pooling, concatenation, padding and slicing."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(6)
-        self.dw = nn.Conv2d(6, 6, 3, padding=1, groups=6)
-        self.conv3 = nn.Conv2d(6, 6, 1)
-        self.pool = nn.MaxPool2d(2)
-        self.conv4 = nn.Conv2d(12, 8, 3)
-        self.fc1 = nn.Linear(8 * 2 * 2, 10)
-        self.fc2 = nn.Linear(10, 4)
-
-    def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))           # 6x8x8
-        y = F.relu6(self.dw(x) * 2)
-        x = torch.relu(self.conv3(y) + x)             # residual add
-        a = self.pool(x)                              # 6x4x4
-        b = F.avg_pool2d(x, 2)                        # 6x4x4
-        c = F.pad(torch.cat([a, b], 1), (1, 1, 1, 1))  # 12x6x6
-        x = self.conv4(c).clamp(0, 4)                 # 8x4x4
-        x = F.max_pool2d(x, 3, 1, 1)[:, :, ::2, ::2]  # 8x2x2
-        x = F.relu(self.fc1(x.flatten(1)))
-        return self.fc2(x)
-
-
-def calibration(seed: int = 5):
-    torch.manual_seed(seed)
-    return [torch.randn(16, 3, 8, 8) for _ in range(2)]
-
-
-def build(seed: int = 0) -> nn.Module:
-    """A MixNet with He-initialised weights, so that the output depends clearly on the input."""
-    torch.manual_seed(seed)
-    model = randomize_bn_wide(MixNet())
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-                m.bias.uniform_(-0.2, 0.2)
-    return model.eval()
-
-
-def assert_rel_close(actual, expected, rel: float = 1e-5) -> None:
-    expected = expected.detach()
-    torch.testing.assert_close(actual.detach(), expected, rtol=rel, atol=rel * float(expected.abs().max()))
+from tests.helpers import assert_rel_close
+from tests.networks import build, calibration, cnn
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +130,7 @@ def test_if_network_with_one_hidden_layer_is_exact_at_T_equal_levels(qbits: int)
     # with a constant input current an IF neuron starting at half threshold has fired exactly
     # floor(T z / theta + 1/2) (clipped to [0, T]) times after T steps: at T = L the QCFS level
     torch.manual_seed(qbits)
-    model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 36, 4)).eval()
+    model = cnn(3, [5], 5 * 36, 4, padding=0, batchnorm=False).eval()
     L = 2 ** qbits - 1
     snn = ann2snn.convert(model, calibration(), qbits=qbits, T=L, neuron="if", threshold_rule="max")
     x = torch.randn(6, 3, 8, 8)

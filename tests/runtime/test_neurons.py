@@ -12,7 +12,7 @@ from ann2snn.runtime import neurons
 from ann2snn.runtime.kernels.compiled import CompiledSteps
 from ann2snn.runtime.neurons import AdaptiveNeuron, IFNeuron, SignedNeuron
 from tests.helpers import assert_one_line_error, digits_args, digits_checkpoint, run_cli
-from tests.runtime.test_network import build, calibration
+from tests.networks import build, calibration
 
 
 def run_steps(neuron, currents: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -16,7 +16,7 @@ from ann2snn.runtime.coding import ACCUMULATE, RATE, coding
 from ann2snn.runtime.encoding import InputEncoder
 from ann2snn.runtime.layers import AddBias, SpikingMaxPool, TemporalModule, declares_step
 from ann2snn.runtime.neurons import AdaptiveNeuron, IFNeuron, LIFNeuron, SignedNeuron
-from tests.runtime.test_network import build, calibration
+from tests.networks import build, calibration
 
 STEPS, BATCH = 11, 3
 CHUNKS = (1, 4, 6)  # 11 steps: windows of different lengths, the state carried between them

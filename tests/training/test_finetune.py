@@ -10,11 +10,12 @@ from torch import nn
 
 from ann2snn import ConversionError, convert, quantize
 from ann2snn.cli.main import main
-from ann2snn.io.data import make_loader, mnist5k, open_dataset, stratified_subset
-from ann2snn.training.finetune import TrainingConfig, accuracy, finetune, fit, quantization_aware, train
 from ann2snn.compiler.quantizer import QCFSQuantizer
+from ann2snn.io.data import make_loader, mnist5k, open_dataset, stratified_subset
 from ann2snn.io.model_loading import load_model, save_checkpoint
 from ann2snn.training.batches import TensorBatches
+from ann2snn.training.finetune import TrainingConfig, accuracy, finetune, fit, quantization_aware, train
+from tests.networks import cnn
 
 
 def small_cnn() -> nn.Module:
@@ -203,7 +204,7 @@ def test_finetune_calibrates_at_the_percentile_it_is_given():
     was asked for. With a learning rate too small to move them, the thresholds fine-tuning returns are the
     initial ones: those of a calibration at the percentile given, which a heavy-tailed input tells apart."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10)).eval()
+    model = cnn(1, [4], 4 * 6 * 6, 10, padding=0, batchnorm=False).eval()
     generator = torch.Generator().manual_seed(1)
     batches = [(torch.randn(32, 1, 8, 8, generator=generator) ** 3, torch.randint(0, 10, (32,), generator=generator))
                for _ in range(4)]

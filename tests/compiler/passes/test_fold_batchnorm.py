@@ -1,6 +1,7 @@
 """Pass 4 (fold_batchnorm): BN folds into conv/linear; otherwise it becomes a ChannelAffine."""
 from __future__ import annotations
 
+import functools
 from functools import partial
 
 import pytest
@@ -8,24 +9,12 @@ import torch
 from torch import nn
 
 from ann2snn import ConversionError
-from ann2snn.runtime.layers import ChannelAffine
-from ann2snn.compiler.passes import fold_batchnorm, trace
 from ann2snn.compiler.pass_manager import run_passes
-import functools
-
-from tests.helpers import randomize_bn
+from ann2snn.compiler.passes import fold_batchnorm, trace
+from ann2snn.runtime.layers import ChannelAffine
+from tests.helpers import BATCHNORMS, assert_rel_close, randomize_bn
 
 randomize_bn_wide = functools.partial(randomize_bn, mean=1.0, var=(0.3, 3.0), weight=(-1.5, 1.5), bias=(-1.0, 1.0))
-
-
-BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-
-
-def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> None:
-    actual, expected = actual.detach(), expected.detach()
-    torch.testing.assert_close(actual, expected, rtol=rel, atol=rel * float(expected.abs().max()))
 
 
 class ConvChain(nn.Module):

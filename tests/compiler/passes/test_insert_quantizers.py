@@ -10,11 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import ann2snn
-from ann2snn.compiler.quantizer import ClippedReLU, QCFSQuantizer
+from ann2snn.compiler.pass_manager import run_passes
 from ann2snn.compiler.passes import insert_quantizers, normalize_activations, trace
 from ann2snn.compiler.qbits import activation_nodes, activation_roles, check_qbits, quantizer_bits
-from ann2snn.compiler.pass_manager import run_passes
+from ann2snn.compiler.quantizer import ClippedReLU, QCFSQuantizer
 from tests.helpers import qann_levels, randomize_bn
+from tests.networks import cnn
 
 
 class Net(nn.Module):
@@ -157,10 +158,7 @@ def test_first_and_last_disagreeing_on_the_same_activation() -> None:
 def test_mixed_bits_reach_the_signed_neurons_and_the_snn_equals_the_qann() -> None:
     """Calibration, the signed neurons' level caps and spike values all follow each quantizer's own levels:
     the accumulate-coded SNN settles exactly on the mixed-precision QANN."""
-    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                       nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                       nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 16), nn.ReLU(),
-                                       nn.Linear(16, 5))).eval()
+    model = randomize_bn(cnn(3, [8, 8], 32, 5, pool=nn.AdaptiveAvgPool2d(2), hidden=16)).eval()
     calibration = [torch.randn(16, 3, 8, 8) for _ in range(2)]
     qbits = {"first": 2, "default": 5, "last": 3}
     snn = ann2snn.convert(model, calibration, qbits=qbits, T=128, neuron="signed").double()

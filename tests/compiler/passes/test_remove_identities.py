@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ann2snn.compiler.passes import remove_identities, trace
 from ann2snn.compiler.pass_manager import run_passes
+from ann2snn.compiler.passes import remove_identities, trace
+from tests.networks import cnn
 
 
 class Noisy(nn.Module):
@@ -49,7 +50,7 @@ def test_identities_removed_and_outputs_unchanged() -> None:
 
 
 def test_model_without_identities_is_untouched() -> None:
-    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 2 * 2, 2)).eval()
+    model = cnn(3, [3], 3 * 2 * 2, 2, kernel=1, padding=0, batchnorm=False).eval()
     traced = trace(model)
     before = [(n.op, n.target) for n in traced.graph.nodes]
     gm = run_passes(traced, remove_identities)

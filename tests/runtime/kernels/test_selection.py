@@ -7,7 +7,7 @@ import torch
 
 import ann2snn
 from ann2snn.runtime import kernels
-from tests.runtime.test_network import build, calibration
+from tests.networks import build, calibration
 
 
 @pytest.mark.parametrize("neuron", ["if", "signed", "adaptive"])
