@@ -31,11 +31,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 import ann2snn
-from ann2snn.errors import ConversionError
-from ann2snn.compiler.quantizer import QCFSQuantizer
 from ann2snn.compiler.observers import THRESHOLD_RULES
-from ann2snn.runtime.neuron_kinds import NEURON_KINDS
+from ann2snn.compiler.quantizer import QCFSQuantizer
+from ann2snn.errors import ConversionError
 from ann2snn.runtime.memory import simulation_footprint
+from ann2snn.runtime.neuron_kinds import NEURON_KINDS
 from tests.helpers import randomize_bn
 
 LONG_RUN = "ANN2SNN_FUZZ_EXAMPLES" in os.environ

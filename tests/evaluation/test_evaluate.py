@@ -8,9 +8,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import ann2snn
-from ann2snn.io.data import mnist5k, stratified_subset
 from ann2snn.evaluation.evaluate import EvaluationReport
 from ann2snn.evaluation.synops import E_AC_PJ, E_MAC_PJ
+from ann2snn.io.data import mnist5k, stratified_subset
 
 IN_FEATURES, HIDDEN, CLASSES = 12, 16, 5
 

@@ -43,7 +43,8 @@ def test_baselines_are_read_only_in_their_format_version(baselines, tmp_path):
     path = tmp_path / "baselines.json"
     for version in (2, None):
         path.write_text(json.dumps({**baselines, "version": version}))
-        with pytest.raises(ValueError, match=f"ann2snn-baselines format version {version}; this ann2snn reads version 1"):
+        message = f"ann2snn-baselines format version {version}; this ann2snn reads version 1"
+        with pytest.raises(ValueError, match=message):
             load_baselines(path)
     path.write_text(json.dumps({**baselines, "format": "something-else"}))
     with pytest.raises(ValueError, match="not an ann2snn-baselines file"):

@@ -12,7 +12,15 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import ann2snn
-from ann2snn.evaluation.report import ACCURACY_PLOT, REPORT_JSON, REPORT_MD, SPIKES_PLOT, markdown, summary, write_report
+from ann2snn.evaluation.report import (
+    ACCURACY_PLOT,
+    REPORT_JSON,
+    REPORT_MD,
+    SPIKES_PLOT,
+    markdown,
+    summary,
+    write_report,
+)
 
 
 def evaluated_document(with_ann: bool = True) -> dict:

@@ -19,7 +19,8 @@ pytestmark = [pytest.mark.shared, pytest.mark.slow]
 def resnet20(shared):
     subsets = shared / "data" / "cifar10" / "subsets"
     model = load_model(shared / "models" / "resnet20-cifar10.th").model
-    calib = [x for x, _ in make_loader(ListFileDataset(subsets / "train-calib-512.txt", transform=cifar10_transform()), 128)]
+    calibration_data = ListFileDataset(subsets / "train-calib-512.txt", transform=cifar10_transform())
+    calib = [x for x, _ in make_loader(calibration_data, 128)]
     test = list(make_loader(ListFileDataset(subsets / "test-1000.txt", transform=cifar10_transform()), 250))
     return model, calib, test
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from ann2snn.runtime.layers import ChannelAffine, Scale
 from ann2snn.evaluation.synops import SynapticOperationCounter, fan_out
+from ann2snn.runtime.layers import ChannelAffine, Scale
 
 
 def brute_force_fan_out(layer: nn.Module, sample_shape: tuple[int, ...], weight_name: str = "weight") -> torch.Tensor:

@@ -8,8 +8,16 @@ import torch
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-from ann2snn.io.data import (ListFileDataset, MNIST5k, cifar10_transform, make_loader, mnist5k, open_dataset,
-                             shared_dir, stratified_subset)
+from ann2snn.io.data import (
+    ListFileDataset,
+    MNIST5k,
+    cifar10_transform,
+    make_loader,
+    mnist5k,
+    open_dataset,
+    shared_dir,
+    stratified_subset,
+)
 
 
 @pytest.fixture

@@ -8,8 +8,14 @@ from PIL import Image
 from torch import nn
 
 from ann2snn.io.checkpoint import CheckpointError
-from ann2snn.io.model_loading import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, Preprocessing, infer_arch, load_model,
-                                      save_checkpoint)
+from ann2snn.io.model_loading import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    Preprocessing,
+    infer_arch,
+    load_model,
+    save_checkpoint,
+)
 from ann2snn.zoo import build_model
 
 

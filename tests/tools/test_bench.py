@@ -47,6 +47,7 @@ def test_minimal_benchmark_run_prints_every_section(tmp_path, capsys) -> None:
     bench.main(["--models", "resnet20", "--T-list", "2", "--batches", "2", "--repeats", "1", "--threads", "1",
                 "--markdown", str(report)])
     text = report.read_text()
-    for section in ("## Simulation", "SNN / (T x ANN in SNN layout)", "SpikingJelly / ours", "## Conversion", "## Peak memory", "## Adaptive time"):
+    for section in ("## Simulation", "SNN / (T x ANN in SNN layout)", "SpikingJelly / ours", "## Conversion",
+                    "## Peak memory", "## Adaptive time"):
         assert section in text
     assert text in capsys.readouterr().out

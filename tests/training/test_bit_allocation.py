@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import ann2snn
-from ann2snn.training.bit_allocation import allocate_bits, mean_bits, read_qbits_config
 from ann2snn.cli.main import main
 from ann2snn.compiler.qbits import quantizer_bits
+from ann2snn.training.bit_allocation import allocate_bits, mean_bits, read_qbits_config
 from tests.helpers import digits_args, digits_checkpoint, randomize_bn
 
 

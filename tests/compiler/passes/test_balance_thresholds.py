@@ -13,12 +13,12 @@ from torch import nn
 
 import ann2snn
 from ann2snn.compiler.ops import CONVS
-from ann2snn.runtime.layers import Scale, SpikingMaxPool
-from ann2snn.runtime.neurons import SpikingNeuron
-from ann2snn.compiler.passes import balance_thresholds, emit_neurons
-from ann2snn.runtime.neuron_kinds import neuron_kind
-from ann2snn.runtime.network import SpikingNetwork
 from ann2snn.compiler.pass_manager import run_passes
+from ann2snn.compiler.passes import balance_thresholds, emit_neurons
+from ann2snn.runtime.layers import Scale, SpikingMaxPool
+from ann2snn.runtime.network import SpikingNetwork
+from ann2snn.runtime.neuron_kinds import neuron_kind
+from ann2snn.runtime.neurons import SpikingNeuron
 
 
 class ResNetLike(nn.Module):

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import ann2snn
-from ann2snn.compiler.quantizer import QCFSQuantizer
-from ann2snn.compiler.passes import calibrate_thresholds, insert_quantizers, normalize_activations, observing, trace
 from ann2snn.compiler.pass_manager import run_passes
+from ann2snn.compiler.passes import calibrate_thresholds, insert_quantizers, normalize_activations, observing, trace
+from ann2snn.compiler.quantizer import QCFSQuantizer
 
 BINS = 2048
 

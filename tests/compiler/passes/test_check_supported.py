@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ann2snn import ConversionError
-from ann2snn.compiler.passes import check_supported, fold_batchnorm, normalize_activations, remove_identities, trace
 from ann2snn.compiler.pass_manager import run_passes
+from ann2snn.compiler.passes import check_supported, fold_batchnorm, normalize_activations, remove_identities, trace
 
 
 def prepared(model: nn.Module):

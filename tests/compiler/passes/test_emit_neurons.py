@@ -13,16 +13,13 @@ from torch import nn
 
 import ann2snn
 from ann2snn.compiler.ops import WEIGHTED
-from ann2snn.runtime.layers import AddBias, ChannelAffine, Scale, SpikingMaxPool
-from ann2snn.compiler.quantizer import QCFSQuantizer
-from ann2snn.runtime.neurons import IFNeuron, SignedNeuron, SpikingNeuron
-from ann2snn.compiler.passes import emit_neurons, insert_quantizers, normalize_activations, trace
-from ann2snn.runtime.network import SpikingNetwork
 from ann2snn.compiler.pass_manager import run_passes
+from ann2snn.compiler.passes import emit_neurons, insert_quantizers, normalize_activations, trace
+from ann2snn.compiler.quantizer import QCFSQuantizer
+from ann2snn.runtime.layers import AddBias, ChannelAffine, Scale, SpikingMaxPool
+from ann2snn.runtime.network import SpikingNetwork
+from ann2snn.runtime.neurons import IFNeuron, SignedNeuron, SpikingNeuron
 from tests.helpers import randomize_bn
-
-
-
 
 
 class Net(nn.Module):

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from ann2snn.compiler.quantizer import ClippedReLU
-from ann2snn.compiler.passes import normalize_activations, trace
 from ann2snn.compiler.pass_manager import run_passes
+from ann2snn.compiler.passes import normalize_activations, trace
+from ann2snn.compiler.quantizer import ClippedReLU
 
 
 def _normalize(model: nn.Module):

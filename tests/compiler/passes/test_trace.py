@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ann2snn import ConversionError
-from ann2snn.errors import describe_node
-from ann2snn.compiler.quantizer import ClippedReLU, QCFSQuantizer
 from ann2snn.compiler.passes import trace
+from ann2snn.compiler.quantizer import ClippedReLU, QCFSQuantizer
+from ann2snn.errors import describe_node
 
 
 def _line_of(function, needle: str) -> int:
