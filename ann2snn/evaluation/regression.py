@@ -29,6 +29,8 @@ BASELINES_FILE = REPOSITORY / "calibration" / "baselines.json"
 MANIFESTS_FILE = REPOSITORY / "calibration" / "manifests.json"
 BASELINES_FORMAT = "ann2snn-baselines"
 BASELINES_VERSION = 1
+MANIFESTS_FORMAT = "ann2snn-manifests"
+MANIFESTS_VERSION = 1
 SHARED_PREFIX = "<shared>/"
 # The one key of an entry's "conversion" that is not a setting of `ConversionConfig`.
 FINE_TUNED_KEY = "fine_tuned_thresholds"
@@ -44,7 +46,7 @@ def _sha256(path: Path) -> str:
 
 def check_manifests(shared: Path, manifests_file: Path = MANIFESTS_FILE) -> dict[str, Path]:
     """The subset lists by name, after checking each against its recorded hash and image count."""
-    manifests = json.loads(manifests_file.read_text())
+    manifests = read_versioned(manifests_file, MANIFESTS_FORMAT, MANIFESTS_VERSION)
     paths = {}
     for name, manifest in manifests["subsets"].items():
         path = shared / manifest["path"]
@@ -130,14 +132,19 @@ def format_table(rows: list[Comparison]) -> str:
     return "\n".join(lines)
 
 
-def load_baselines(path: Path = BASELINES_FILE) -> dict[str, Any]:
+def read_versioned(path: Path, file_format: str, version: int) -> dict[str, Any]:
+    """A JSON document of ours, refused unless it carries `file_format` and `version`."""
     document = json.loads(path.read_text())
-    if document.get("format") != BASELINES_FORMAT:
-        raise ValueError(f"{path}: not an {BASELINES_FORMAT} file")
-    if document.get("version") != BASELINES_VERSION:
-        raise ValueError(f"{path}: {BASELINES_FORMAT} format version {document.get('version')}; this ann2snn reads "
-                         f"version {BASELINES_VERSION}")
+    if document.get("format") != file_format:
+        raise ValueError(f"{path}: not an {file_format} file")
+    if document.get("version") != version:
+        raise ValueError(f"{path}: {file_format} format version {document.get('version')}; this ann2snn reads "
+                         f"version {version}")
     return document
+
+
+def load_baselines(path: Path = BASELINES_FILE) -> dict[str, Any]:
+    return read_versioned(path, BASELINES_FORMAT, BASELINES_VERSION)
 
 
 def write_baselines(document: dict[str, Any], path: Path = BASELINES_FILE) -> None:

@@ -51,6 +51,18 @@ def test_baselines_are_read_only_in_their_format_version(baselines, tmp_path):
         load_baselines(path)
 
 
+def test_manifests_are_read_only_in_their_format_version(shared, tmp_path):
+    manifests = json.loads(MANIFESTS_FILE.read_text())
+    assert (manifests["format"], manifests["version"]) == ("ann2snn-manifests", 1)
+    path = tmp_path / "manifests.json"
+    for version in (2, None):
+        path.write_text(json.dumps({**manifests, "version": version}))
+        with pytest.raises(ValueError, match=f"ann2snn-manifests format version {version}; this ann2snn reads"):
+            check_manifests(shared, path)
+    path.write_text(json.dumps(manifests))
+    assert set(check_manifests(shared, path)) == set(manifests["subsets"])
+
+
 def test_entries_read_as_conversion_configs(baselines):
     """The entries as they are: each "conversion" record is a ConversionConfig's, at the entry's largest T."""
     for name, entry in baselines["models"].items():
