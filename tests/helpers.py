@@ -94,3 +94,16 @@ def assert_one_line_error(code: int, err: str, expected_code: int, *fragments: s
     for fragment in fragments:
         assert fragment in lines[0]
     return lines[0]
+
+
+def run_in_chunks(module, sequence: torch.Tensor, chunk: int) -> torch.Tensor:
+    """A temporal module run over `sequence` [steps, batch, ...] in windows of `chunk` steps folded into the
+    batch, as the simulator runs it; the outputs as [steps, batch, ...]."""
+    module.reset()
+    outputs = []
+    for t0 in range(0, sequence.shape[0], chunk):
+        window = sequence[t0:t0 + chunk]
+        module.set_window(t0, window.shape[0])
+        out = module(window.flatten(0, 1))
+        outputs.append(out.reshape(window.shape[:2] + out.shape[1:]))
+    return torch.cat(outputs)

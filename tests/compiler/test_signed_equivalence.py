@@ -67,6 +67,18 @@ def _he_init(model: nn.Module) -> nn.Module:
     return model
 
 
+def settled_output(snn, x: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The signed network's output on x once quiet (within T steps) and the QANN's, after checking that every
+    neuron's spike count equals its QANN level."""
+    expected, levels = qann_levels(snn.qann, x, [name for name, q in snn.qann.named_modules()
+                                                 if isinstance(q, QCFSQuantizer)])
+    result = snn.simulate(x, [T], stop_when_quiet=True)
+    assert int(result.steps_used.max()) < T, "the network never fell quiet"
+    for name, neuron in snn.neurons.items():
+        assert torch.equal(neuron.count, levels[name]), f"layer {name}: spike counts differ from QANN levels"
+    return result.outputs[T], expected
+
+
 @pytest.mark.parametrize("seed", range(24))
 def test_signed_network_settles_on_the_qann(seed: int) -> None:
     torch.manual_seed(seed)
@@ -76,14 +88,8 @@ def test_signed_network_settles_on_the_qann(seed: int) -> None:
     snn = ann2snn.convert(model, calib, qbits=qbits, T=4096, neuron="signed").double()
     x = torch.randn(4, 3, 12, 12, dtype=torch.float64)
 
-    expected, levels = qann_levels(snn.qann, x, [name for name, q in snn.qann.named_modules()
-                                                 if isinstance(q, QCFSQuantizer)])
-    result = snn.simulate(x, [4096], stop_when_quiet=True)
-
-    assert int(result.steps_used.max()) < 4096, "the network never fell quiet"
-    for name, neuron in snn.neurons.items():
-        assert torch.equal(neuron.count, levels[name]), f"layer {name}: spike counts differ from QANN levels"
-    error = (result.outputs[4096] - expected).norm() / expected.norm()
+    output, expected = settled_output(snn, x, 4096)
+    error = (output - expected).norm() / expected.norm()
     assert error < 1e-5, f"seed {seed}, qbits {qbits}: relative error {error:.2e}"
     assert expected.std(0).mean() > 1e-3 * expected.abs().mean(), "output does not depend on the input"
 
@@ -111,11 +117,6 @@ def test_densenet_settles_on_the_qann() -> None:
     calib = [torch.randn(4, 3, 64, 64, dtype=torch.float64) for _ in range(2)]
     snn = ann2snn.convert(model, calib, qbits=4, T=1024, neuron="signed")
     x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
-    expected, levels = qann_levels(snn.qann, x, [name for name, q in snn.qann.named_modules()
-                                                 if isinstance(q, QCFSQuantizer)])
-    result = snn.simulate(x, [1024], stop_when_quiet=True)
-    assert int(result.steps_used.max()) < 1024, "the network never fell quiet"
-    for name, neuron in snn.neurons.items():
-        assert torch.equal(neuron.count, levels[name]), f"layer {name}: spike counts differ from QANN levels"
-    error = ((result.outputs[1024] - expected).norm(dim=1) / expected.norm(dim=1)).max()
+    output, expected = settled_output(snn, x, 1024)
+    error = ((output - expected).norm(dim=1) / expected.norm(dim=1)).max()
     assert error < 1e-12, f"relative error {error:.2e}"

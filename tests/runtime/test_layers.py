@@ -8,17 +8,7 @@ from torch import nn
 
 from ann2snn.runtime.coding import ACCUMULATE, RATE
 from ann2snn.runtime.layers import AddBias, SpikingMaxPool
-
-
-def _run_in_chunks(module, sequence: torch.Tensor, chunk: int) -> torch.Tensor:
-    module.reset()
-    outputs = []
-    for t0 in range(0, sequence.shape[0], chunk):
-        part = sequence[t0:t0 + chunk]
-        module.set_window(t0, part.shape[0])
-        out = module(part.flatten(0, 1))
-        outputs.append(out.reshape(part.shape[:2] + out.shape[1:]))
-    return torch.cat(outputs)
+from tests.helpers import run_in_chunks
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 16])
@@ -26,7 +16,7 @@ def test_spiking_max_pool_sums_to_max_of_sums_at_every_step(chunk: int) -> None:
     # signed spike trains (as signed neurons emit them), any prefix of time
     spikes = torch.randint(-1, 2, (16, 2, 3, 6, 6)).float()
     pool = SpikingMaxPool(nn.MaxPool2d(2, ceil_mode=True))
-    out = _run_in_chunks(pool, spikes, chunk)
+    out = run_in_chunks(pool, spikes, chunk)
     for t in range(1, 17):
         expected = F.max_pool2d(spikes[:t].sum(0), 2, ceil_mode=True)
         assert torch.equal(out[:t].sum(0), expected)
@@ -40,7 +30,7 @@ def test_rate_coded_max_pool_is_exact_where_max_over_spikes_overcounts() -> None
     rates = torch.rand(1, 4, 8, 8)
     spikes = (torch.rand(T, 1, 4, 8, 8) < rates).float()
     pool = SpikingMaxPool(nn.MaxPool2d(2))
-    mean_out = _run_in_chunks(pool, spikes, 8).mean(0)
+    mean_out = run_in_chunks(pool, spikes, 8).mean(0)
     target = F.max_pool2d(spikes.mean(0), 2)
     naive = F.max_pool2d(spikes.flatten(0, 1), 2).reshape(T, 1, 4, 4, 4).mean(0)
     assert torch.allclose(mean_out, target, atol=1e-6)
@@ -52,7 +42,7 @@ def test_add_bias_injects_every_step_or_once(coding) -> None:
     bias = torch.tensor([1.0, -2.0, 0.5])
     injection = AddBias(bias, coding)
     zeros = torch.zeros(6, 2, 3, 4, 4)
-    out = _run_in_chunks(injection, zeros, 4)
+    out = run_in_chunks(injection, zeros, 4)
     per_step = out.sum((1, 3, 4)) / (2 * 16)
     expected = bias.expand(6, 3).clone()
     if coding.inject_once:

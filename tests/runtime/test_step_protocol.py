@@ -16,6 +16,7 @@ from ann2snn.runtime.coding import ACCUMULATE, RATE, coding
 from ann2snn.runtime.encoding import InputEncoder
 from ann2snn.runtime.layers import AddBias, SpikingMaxPool, TemporalModule, declares_step
 from ann2snn.runtime.neurons import AdaptiveNeuron, IFNeuron, LIFNeuron, SignedNeuron
+from tests.helpers import run_in_chunks
 from tests.networks import build, calibration
 
 STEPS, BATCH = 11, 3
@@ -53,17 +54,6 @@ def inputs(name: str, layout) -> torch.Tensor:
     return x.flatten(0, 1).contiguous(memory_format=layout).unflatten(0, (STEPS, BATCH))
 
 
-def multi_step(module: TemporalModule, x: torch.Tensor, chunk: int) -> torch.Tensor:
-    module.reset()
-    outputs = []
-    for t0 in range(0, x.shape[0], chunk):
-        window = x[t0:t0 + chunk]
-        module.set_window(t0, window.shape[0])
-        out = module(window.flatten(0, 1))
-        outputs.append(out.reshape(window.shape[:2] + out.shape[1:]))
-    return torch.cat(outputs)
-
-
 def declared_steps(module: TemporalModule, x: torch.Tensor) -> torch.Tensor:
     module.reset()
     module.load_state(module.initial_state(x[0]))
@@ -80,7 +70,7 @@ def test_multi_step_forward_equals_the_declared_step(name: str, layout) -> None:
     expected_state = module.state()
     assert tuple(module.initial_state(x[0])) == module.state_names
     for chunk in CHUNKS:
-        out = multi_step(module, x, chunk)
+        out = run_in_chunks(module, x, chunk)
         assert torch.equal(out, expected), f"chunks of {chunk}"
         for state_name, value in module.state().items():
             assert torch.equal(value.expand_as(expected_state[state_name]), expected_state[state_name]), state_name
@@ -92,11 +82,11 @@ def test_multi_step_forward_equals_the_declared_step(name: str, layout) -> None:
 def test_reset_clears_the_declared_state(name: str) -> None:
     module = MODULES[name]()
     x = inputs(name, torch.contiguous_format)
-    first = multi_step(module, x, 4)
+    first = run_in_chunks(module, x, 4)
     assert all(value is not None for value in module.state().values())
     module.reset()
     assert all(value is None for value in module.state().values())
-    assert torch.equal(multi_step(module, x, 4), first)
+    assert torch.equal(run_in_chunks(module, x, 4), first)
 
 
 @pytest.mark.parametrize("name", ["signed", "max pool", "bias, accumulate", "poisson encoder"])
