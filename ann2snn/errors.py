@@ -7,8 +7,11 @@ import re
 import torch
 import torch.fx as fx
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
-_LIBRARY_DIR = os.path.dirname(os.path.abspath(__file__))
+# frames of torch and of this library's own machinery are never the user's line; the zoo's models are
+# (a separator ends each prefix: torchvision's files are not torch's)
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_LIBRARY_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_ZOO_DIR = os.path.join(_LIBRARY_DIR, "zoo") + os.sep
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>\S+)\n\s*(?P<code>[^\n]*)')
 
 
@@ -28,7 +31,8 @@ class ConversionWarning(UserWarning):
 
 def innermost_user_frame(frames: list[tuple[str, int, str]]) -> str:
     """The innermost (file, line, code) frame outside torch and this library, as 'file:line (code)'."""
-    user = [frame for frame in frames if not frame[0].startswith((_TORCH_DIR, _LIBRARY_DIR))]
+    user = [frame for frame in frames
+            if not frame[0].startswith((_TORCH_DIR, _LIBRARY_DIR)) or frame[0].startswith(_ZOO_DIR)]
     if not user:
         return "source line unknown"
     file, line, code = user[-1]

@@ -82,6 +82,32 @@ class MixNet(nn.Module):
         return self.fc2(x)
 
 
+class DataMovementNet(nn.Module):
+    """The data movement of ShuffleNetV2 and its kin between neurons: chunk, channel shuffle (view, transpose,
+    contiguous, view), split, permute, unbind, expand and repeat."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.branch = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8 * 2 * 2, 4)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))                          # 8x8x8
+        kept, transformed = x.chunk(2, dim=1)
+        y = torch.cat((kept, F.relu(self.branch(transformed))), dim=1)
+        n, c, h, w = y.size()
+        y = torch.transpose(y.view(n, 2, c // 2, h, w), 1, 2).contiguous().view(n, c, h, w)
+        first, rest = torch.split(y, [3, 5], dim=1)
+        z = F.relu(self.conv2(torch.cat((rest, first.permute(0, 1, 3, 2)), dim=1)))
+        top_row = z.unbind(dim=2)[0]                                 # 8x8
+        z = z + top_row.unsqueeze(2).expand(-1, -1, h, -1)
+        z = F.relu6(z.repeat(1, 1, 1, 2)[..., w // 2:w // 2 + w])
+        return self.fc(F.adaptive_avg_pool2d(z, 2).flatten(1))
+
+
 _randomize_bn_wide = functools.partial(randomize_bn, bias=(-0.3, 0.5))
 
 
@@ -91,10 +117,11 @@ def calibration(seed: int = 5) -> list[torch.Tensor]:
     return [torch.randn(16, 3, 8, 8) for _ in range(2)]
 
 
-def build(seed: int = 0) -> nn.Module:
-    """A MixNet with He-initialised weights, so that the output depends clearly on the input."""
+def build(seed: int = 0, network: type[nn.Module] = MixNet) -> nn.Module:
+    """A MixNet (or another network of 3x8x8 images) with He-initialised weights, so that the output depends
+    clearly on the input."""
     torch.manual_seed(seed)
-    model = _randomize_bn_wide(MixNet())
+    model = _randomize_bn_wide(network())
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):

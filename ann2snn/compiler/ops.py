@@ -30,6 +30,9 @@ class Role(enum.Enum):
     AVG_POOLING = "average pooling"
     PADDING = "padding"
     RESHAPING = "reshaping"
+    PERMUTING = "permutation of dimensions"
+    SPLITTING = "splitting into parts"
+    REPLICATING = "expand or repeat"
     INDEXING = "indexing"
     MEAN = "mean"
     ADD = "addition"
@@ -61,6 +64,9 @@ class Op:
     on_sizes: bool = False
     # a functional op's module form (functional max pooling becomes a module)
     module: type[nn.Module] | None = None
+    # the dimensions it moves, splits, replicates or reduces, from the node (negative ones count from the end,
+    # None: all); time is folded into the batch dimension, so a spiking network cannot compute one that includes 0
+    dims: Callable[[fx.Node], tuple[Any, ...] | None] | None = None
 
 
 def node_arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
@@ -77,6 +83,43 @@ def clamp_upper(lower: Any, upper: Any) -> Any:
     return float(upper) if is_number(upper) and upper > 0 else NOT_RELU
 
 
+def _dims(value: Any) -> tuple[Any, ...] | None:
+    """A dim argument (int or sequence) as a tuple; None for every dimension (None or ())."""
+    if value is None or value == ():
+        return None
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def call_sizes(node: fx.Node) -> tuple[Any, ...]:
+    """The sizes of a method called as x.op(a, b, c) or x.op((a, b, c)), or of torch.op(x, (a, b, c))."""
+    rest = node.args[1:] or tuple(node.kwargs.values())[:1]
+    return tuple(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else tuple(rest)
+
+
+def _permuted(node: fx.Node) -> tuple[Any, ...]:
+    order = call_sizes(node)
+    return tuple(position for position, dim in enumerate(order) if dim not in (position, position - len(order)))
+
+
+def _transposed(node: fx.Node) -> tuple[Any, ...]:
+    return (node_arg(node, 1, "dim0"), node_arg(node, 2, "dim1"))
+
+
+def _expanded(node: fx.Node) -> tuple[Any, ...]:
+    """Every dimension but those kept at -1: a leading size from x.size(0) keeps the batch (a new leading
+    dimension does not, see `check_supported`)."""
+    return tuple(position for position, size in enumerate(call_sizes(node))
+                 if size != -1 and not (position == 0 and isinstance(size, fx.Node)))
+
+
+def _repeated(node: fx.Node) -> tuple[Any, ...]:
+    return tuple(position for position, times in enumerate(call_sizes(node)) if times != 1)
+
+
+def _split(node: fx.Node) -> tuple[Any, ...]:
+    return (node_arg(node, 2, "dim", 0),)
+
+
 _RELU = Op(Role.ACTIVATION, upper=lambda _: None)
 _RELU6 = Op(Role.ACTIVATION, upper=lambda _: 6.0)
 _CLAMP = Op(Role.ACTIVATION, upper=lambda node: clamp_upper(node_arg(node, 1, "min"), node_arg(node, 2, "max")))
@@ -88,6 +131,13 @@ _WEIGHTED = Op(Role.WEIGHTED)
 _MAX_POOL = Op(Role.MAX_POOLING, Commutes.PER_CHANNEL)
 _AVG_POOL = Op(Role.AVG_POOLING, Commutes.PER_CHANNEL)
 _RESHAPE = Op(Role.RESHAPING, Commutes.SCALAR)
+_PERMUTE = Op(Role.PERMUTING, Commutes.SCALAR, dims=_permuted)
+_TRANSPOSE = Op(Role.PERMUTING, Commutes.SCALAR, dims=_transposed)
+_SPLIT = Op(Role.SPLITTING, dims=_split)  # its parts are a tuple: a Scale before it stays there
+_UNBIND = Op(Role.SPLITTING, dims=lambda node: (node_arg(node, 1, "dim", 0),))
+_EXPAND = Op(Role.REPLICATING, Commutes.SCALAR, dims=_expanded)
+_REPEAT = Op(Role.REPLICATING, Commutes.SCALAR, dims=_repeated)
+_MEAN = Op(Role.MEAN, Commutes.SCALAR, dims=lambda node: _dims(node_arg(node, 1, "dim")))
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -106,8 +156,9 @@ OPS: dict[type | Callable | str, Op] = {
     nn.Identity: _IDENTITY, nn.Dropout: _IDENTITY, nn.Dropout1d: _IDENTITY, nn.Dropout2d: _IDENTITY,
     nn.Dropout3d: _IDENTITY, nn.AlphaDropout: _IDENTITY, nn.FeatureAlphaDropout: _IDENTITY, F.dropout: _IDENTITY,
     F.dropout1d: _IDENTITY, F.dropout2d: _IDENTITY, F.dropout3d: _IDENTITY, F.alpha_dropout: _IDENTITY,
-    F.feature_alpha_dropout: _IDENTITY, torch.dropout: _IDENTITY, "contiguous": _IDENTITY, "clone": _IDENTITY,
-    "detach": _IDENTITY,
+    F.feature_alpha_dropout: _IDENTITY, torch.dropout: _IDENTITY, "clone": _IDENTITY, "detach": _IDENTITY,
+    # not an identity: a view after a transpose needs it
+    "contiguous": Op(Role.RESHAPING, Commutes.PER_CHANNEL),
 
     nn.BatchNorm1d: Op(Role.NORMALIZATION), nn.BatchNorm2d: Op(Role.NORMALIZATION),
     nn.BatchNorm3d: Op(Role.NORMALIZATION),
@@ -136,8 +187,13 @@ OPS: dict[type | Callable | str, Op] = {
     "view": _RESHAPE, "reshape": _RESHAPE, "flatten": _RESHAPE, "squeeze": _RESHAPE, "unsqueeze": _RESHAPE,
     # the other inputs of a concatenation carry other scales
     torch.cat: Op(Role.RESHAPING), torch.concat: Op(Role.RESHAPING),
+    torch.transpose: _TRANSPOSE, torch.swapaxes: _TRANSPOSE, torch.swapdims: _TRANSPOSE, "transpose": _TRANSPOSE,
+    "swapaxes": _TRANSPOSE, "swapdims": _TRANSPOSE, torch.permute: _PERMUTE, "permute": _PERMUTE,
+    torch.chunk: _SPLIT, "chunk": _SPLIT, torch.split: _SPLIT, "split": _SPLIT, torch.tensor_split: _SPLIT,
+    "tensor_split": _SPLIT, torch.unbind: _UNBIND, "unbind": _UNBIND,
+    "expand": _EXPAND, "repeat": _REPEAT,
     operator.getitem: Op(Role.INDEXING, Commutes.SCALAR),
-    torch.mean: Op(Role.MEAN, Commutes.SCALAR), "mean": Op(Role.MEAN, Commutes.SCALAR),
+    torch.mean: _MEAN, "mean": _MEAN,
 
     operator.add: Op(Role.ADD, on_sizes=True), torch.add: Op(Role.ADD), "add": Op(Role.ADD), "add_": Op(Role.ADD),
     operator.sub: Op(Role.SUB, on_sizes=True), torch.sub: Op(Role.SUB), "sub": Op(Role.SUB), "sub_": Op(Role.SUB),

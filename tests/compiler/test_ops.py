@@ -96,9 +96,34 @@ def test_one_entry_adds_an_op(monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(gm.act, ClippedReLU) and gm.act.upper is None
 
 
+class Moves(nn.Module):
+    def forward(self, x):
+        a, b = x.chunk(2, dim=1)
+        c = torch.split(a, 1, -1)[0]
+        d = torch.transpose(b, 2, 3).permute(0, 1, 3, 2).contiguous()
+        e = d.unbind(dim=1)[0].unsqueeze(1)
+        return c.expand(-1, -1, -1, 4) + e.repeat(1, 2, 1, 1)[:, :2] + x.mean([2, 3], keepdim=True)[:, :2]
+
+
+def test_data_movement_roles_and_the_dimensions_they_act_on() -> None:
+    """What check_supported compares with the batch dimension: the dimensions each op moves, splits, replicates
+    or reduces (negative ones as written, counted from the end)."""
+    gm = fx.symbolic_trace(Moves())
+    ops = {node.name: OPS[node.target] for node in gm.graph.nodes if node.op in ("call_function", "call_method")
+           and node.target in OPS and OPS[node.target].dims is not None}
+    nodes = {node.name: node for node in gm.graph.nodes}
+    assert {name: (op.role, op.dims(nodes[name])) for name, op in ops.items()} == {
+        "chunk": (Role.SPLITTING, (1,)), "split": (Role.SPLITTING, (-1,)), "transpose": (Role.PERMUTING, (2, 3)),
+        "permute": (Role.PERMUTING, (2, 3)), "unbind": (Role.SPLITTING, (1,)), "expand": (Role.REPLICATING, (3,)),
+        "repeat": (Role.REPLICATING, (1,)), "mean": (Role.MEAN, (2, 3))}
+    assert role_of(gm, nodes["contiguous"]) is Role.RESHAPING  # kept: a view after a transpose needs it
+
+
 def test_every_role_is_used_and_every_entry_is_well_formed() -> None:
     assert {op.role for op in OPS.values()} == set(Role)
     for target, op in OPS.items():
         assert isinstance(target, (type, str)) or callable(target), target
         assert (op.upper is not None) == (op.role is Role.ACTIVATION), target
         assert not op.on_sizes or getattr(operator, getattr(target, "__name__", ""), None) is target, target
+        assert (op.dims is not None) == (op.role in (Role.PERMUTING, Role.SPLITTING, Role.REPLICATING,
+                                                     Role.MEAN)), target

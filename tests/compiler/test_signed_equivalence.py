@@ -12,7 +12,9 @@ from torch import nn
 
 import ann2snn
 from ann2snn.compiler.quantizer import QCFSQuantizer
+from ann2snn.zoo import build_model
 from tests.helpers import qann_levels, randomize_bn
+from tests.networks import DataMovementNet, build, calibration
 
 
 class RandomBlock(nn.Module):
@@ -117,6 +119,28 @@ def test_densenet_settles_on_the_qann() -> None:
     calib = [torch.randn(4, 3, 64, 64, dtype=torch.float64) for _ in range(2)]
     snn = ann2snn.convert(model, calib, qbits=4, T=1024, neuron="signed")
     x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
+    output, expected = settled_output(snn, x, 1024)
+    error = ((output - expected).norm(dim=1) / expected.norm(dim=1)).max()
+    assert error < 1e-12, f"relative error {error:.2e}"
+
+
+def test_data_movement_settles_on_the_qann() -> None:
+    """Chunk, channel shuffle, split, permute, unbind, expand and repeat between neurons (float64)."""
+    model = build(network=DataMovementNet).double()
+    snn = ann2snn.convert(model, [batch.double() for batch in calibration()], qbits=3, T=1024, neuron="signed")
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    output, expected = settled_output(snn, x, 1024)
+    assert (output - expected).norm() / expected.norm() < 1e-12
+    assert expected.std(0).mean() > 1e-3 * expected.abs().mean(), "output does not depend on the input"
+
+
+def test_shufflenet_v2_settles_on_the_qann() -> None:
+    """The zoo's ShuffleNetV2 x0.5 (chunk, channel shuffle, concatenation, depthwise convolutions, mean over H and
+    W), random weights and BatchNorm statistics, in float64."""
+    torch.manual_seed(3)
+    model = randomize_bn(build_model("shufflenet_v2_x0_5_cifar")).eval().double()
+    snn = ann2snn.convert(model, [torch.randn(8, 3, 16, 16, dtype=torch.float64)], qbits=4, T=1024, neuron="signed")
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     output, expected = settled_output(snn, x, 1024)
     error = ((output - expected).norm(dim=1) / expected.norm(dim=1)).max()
     assert error < 1e-12, f"relative error {error:.2e}"

@@ -27,7 +27,7 @@ from ann2snn.io.model_loading import Preprocessing, load_model
 from ann2snn.runtime.layers import TemporalModule
 from ann2snn.zoo import build_model
 from tests.helpers import assert_rel_close, randomize_bn
-from tests.networks import build, calibration
+from tests.networks import DataMovementNet, build, calibration
 
 STANDARD_DOMAINS = {"", "ai.onnx"}
 
@@ -142,6 +142,20 @@ def test_onnxruntime_reproduces_pytorch_on_random_networks(name: str) -> None:
         assert_t_step_equals_simulation(onnx_models(snn, ("t-step",), T=export_T)["t-step"], snn, x[:1], export_T)
     if "qann" in models:
         assert_qann_equal(models["qann"], snn.qann, x)
+
+
+@pytest.mark.parametrize("neuron", ["if", "signed"])
+def test_data_movement_exports(neuron: str) -> None:
+    """Chunk, channel shuffle (view, transpose, contiguous), split, permute, unbind, expand and repeat."""
+    T = 6
+    snn = ann2snn.convert(build(network=DataMovementNet), calibration(), qbits=2, T=T, neuron=neuron)
+    models = onnx_models(snn, FORMATS)
+    for model in models.values():
+        assert_standard(model)
+    x = torch.randn(3, 3, 8, 8)
+    assert_single_step_equals_step(models["single-step"], snn, x, T)
+    assert_t_step_equals_simulation(models["t-step"], snn, x, T)
+    assert_qann_equal(models["qann"], snn.qann, x)
 
 
 def test_state_names_and_model_metadata() -> None:

@@ -9,13 +9,36 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ann2snn.compiler.ops import Role, is_shape_value, node_arg, role_of
+from ann2snn.compiler.ops import Role, call_sizes, is_shape_value, node_arg, op_of, role_of
 from ann2snn.errors import ConversionError, describe_node
 
 _SYNAPTIC = {Role.WEIGHTED, Role.CHANNELWISE, Role.MAX_POOLING, Role.AVG_POOLING, Role.PADDING, Role.RESHAPING,
-             Role.ADD, Role.SUB, Role.SIGN, Role.SHAPE}
+             Role.PERMUTING, Role.SPLITTING, Role.REPLICATING, Role.MEAN, Role.ADD, Role.SUB, Role.SIGN, Role.SHAPE}
 _ACTIVATIONS = {Role.ACTIVATION, Role.QUANTIZER}
 _UNSUPPORTED = "not a linear synaptic op or a ReLU-like activation"
+
+
+def _rank(node: fx.Node) -> int | None:
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return None if shape is None else len(shape)
+
+
+def _batch_dimension_reason(node: fx.Node, role: Role, dims: tuple | None) -> str | None:
+    """Why an op acting on `dims` of its first input would act on the batch dimension, or None if it does not."""
+    what = role.value
+    if dims is None:
+        return f"{what} over all dimensions, the batch dimension too"
+    rank = _rank(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+    if any(not isinstance(dim, int) for dim in dims):
+        return f"{what} over dimensions computed at run time ({dims}): give them as integers"
+    if rank is None and any(dim < 0 for dim in dims):
+        return f"{what} over a negative dimension of a tensor whose rank is unknown: count dimensions from 0"
+    if 0 in (dim % rank if dim < 0 else dim for dim in dims):
+        return f"{what} over dimension 0, the batch dimension (time steps are folded into it)"
+    if role is Role.REPLICATING and rank is not None and len(call_sizes(node)) != rank:
+        return f"{what} that adds leading dimensions, so that the batch dimension moves"
+    return None
 
 
 def unsupported_reason(gm: fx.GraphModule, node: fx.Node) -> str | None:
@@ -39,17 +62,16 @@ def unsupported_reason(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if role is Role.SUB and node.op == "call_function" and len(node.args) == 2 and is_shape_value(node.args[0]) \
             and not is_shape_value(node.args[1]):
         return "a constant minus a tensor; write it as -(x - c)"
-    if role is Role.MEAN:
-        dims = node_arg(node, 1, "dim")
-        dims = (dims,) if isinstance(dims, int) else dims
-        return None if dims and 0 not in dims else "mean over the batch dimension or over all dimensions"
+    op = op_of(gm, node)
+    if op is not None and op.dims is not None and (reason := _batch_dimension_reason(node, role, op.dims(node))):
+        return reason
     if role is Role.PADDING:
         value = node_arg(node, 3, "value", 0.0)
         return None if not value else f"padding with the non-zero value {value} (a constant current)"
     if role is Role.INDEXING:
-        index = node.args[1]
-        if is_shape_value(node.args[0]):
-            return None
+        source, index = node.args[0], node.args[1]
+        if is_shape_value(source) or role_of(gm, source) is Role.SPLITTING:
+            return None  # a size, or one of the parts of a split
         first = index[0] if isinstance(index, tuple) and index else index
         return None if first in (slice(None), Ellipsis) else "indexing that selects along the batch dimension"
     if node.target is getattr:

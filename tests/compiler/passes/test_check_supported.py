@@ -11,11 +11,13 @@ from torch import nn
 from ann2snn import ConversionError
 from ann2snn.compiler.pass_manager import run_passes
 from ann2snn.compiler.passes import check_supported, fold_batchnorm, normalize_activations, remove_identities, trace
+from tests.networks import DataMovementNet, build
 
 
-def prepared(model: nn.Module):
-    """The graph check_supported sees in the pipeline."""
-    return run_passes(model.eval(), trace, normalize_activations, remove_identities, fold_batchnorm)
+def prepared(model: nn.Module, example: torch.Tensor | None = None):
+    """The graph check_supported sees in the pipeline (with shapes when `example` is given)."""
+    traced = trace(model.eval(), example_input=example)
+    return run_passes(traced, normalize_activations, remove_identities, fold_batchnorm)
 
 
 class Unsupported(nn.Module):
@@ -83,13 +85,14 @@ class Supported(nn.Module):
         return self.fc(torch.cat([g, h.flatten(1)], 1))
 
 
-def test_supported_model_passes_unchanged() -> None:
-    model = Supported().eval()
-    gm = prepared(model)
+@pytest.mark.parametrize("network", [Supported, DataMovementNet])
+def test_supported_model_passes_unchanged(network: type[nn.Module]) -> None:
+    model = build(network=network)
+    x = torch.randn(2, 3, 8, 8)
+    gm = prepared(model, x[:1])
     before = [(n.op, n.target, n.args) for n in gm.graph.nodes]
     checked = run_passes(gm, check_supported)
     assert [(n.op, n.target, n.args) for n in checked.graph.nodes] == before
-    x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(checked(x), model(x), rtol=1e-5, atol=1e-5)
 
 
@@ -117,6 +120,24 @@ class Weird(nn.Module):
             return self.pool(x)[0]
         if self.kind == "tensor_div":
             return x / (x + 1)
+        if self.kind == "transpose_batch":
+            return x.transpose(0, 1)
+        if self.kind == "negative_transpose_batch":
+            return torch.transpose(x, -4, 2)
+        if self.kind == "permute_batch":
+            return x.permute(1, 0, 2, 3)
+        if self.kind == "chunk_batch":  # chunk's default dimension is 0
+            return x.chunk(2)[0]
+        if self.kind == "split_batch":
+            return torch.split(x, 1, 0)[0]
+        if self.kind == "unbind_batch":
+            return x.unbind()[0]
+        if self.kind == "repeat_batch":
+            return x.repeat(2, 1, 1, 1)
+        if self.kind == "expand_leading":
+            return x.expand(x.size(0), -1, -1, -1, -1)
+        if self.kind == "new_leading_index":
+            return x[None]
         raise AssertionError(self.kind)
 
 
@@ -128,9 +149,18 @@ class Weird(nn.Module):
     ("pad_value", "pad", "non-zero value 1.0"),
     ("indices", "pool", "returns indices"),
     ("tensor_div", "truediv", "product of two tensors"),
+    ("transpose_batch", "transpose", "permutation of dimensions over dimension 0, the batch dimension"),
+    ("negative_transpose_batch", "transpose", "over dimension 0, the batch dimension"),
+    ("permute_batch", "permute", "over dimension 0"),
+    ("chunk_batch", "chunk", "splitting into parts over dimension 0"),
+    ("split_batch", "split", "over dimension 0"),
+    ("unbind_batch", "unbind", "over dimension 0"),
+    ("repeat_batch", "repeat", "expand or repeat over dimension 0"),
+    ("expand_leading", "expand", "adds leading dimensions"),
+    ("new_leading_index", "getitem", "batch dimension"),
 ])
 def test_unsupported_ops_are_named(kind: str, node: str, reason: str) -> None:
-    gm = prepared(Weird(kind))
+    gm = prepared(Weird(kind), torch.randn(1, 3, 4, 4))
     with pytest.raises(ConversionError, match=rf"node '{node}' .*: [^\n]*{reason}"):
         check_supported(gm)
 
@@ -142,6 +172,18 @@ class Reciprocal(nn.Module):
 
     def forward(self, x):
         return 1.0 / torch.relu(self.conv(x))
+
+
+def test_a_negative_dimension_needs_the_rank() -> None:
+    """Without shapes (no example input), dimension -4 may be the batch dimension: refused, not guessed."""
+    with pytest.raises(ConversionError, match="negative dimension of a tensor whose rank is unknown"):
+        check_supported(prepared(Weird("negative_transpose_batch")))
+
+
+def test_the_parts_of_a_split_are_not_batch_indexing() -> None:
+    """Indexing the tuple of chunk/split/unbind picks a part; it was reported as "indexing that selects along
+    the batch dimension"."""
+    check_supported(prepared(build(network=DataMovementNet)))
 
 
 def test_constant_divided_by_tensor_is_rejected() -> None:
