@@ -27,7 +27,7 @@ from torchvision import transforms
 from ann2snn.errors import ConversionWarning
 from ann2snn.io.atomic import atomic_write
 from ann2snn.io.checkpoint import CheckpointError, fit_state_dict, read_checkpoint, state_dict_of
-from ann2snn.zoo import MODELS, TORCHVISION_PREFIX, build_model
+from ann2snn.zoo import MODELS, TORCHVISION_PREFIX, TRAINED_PREPROCESSING, build_model
 
 CHECKPOINT_FORMAT = "ann2snn-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -171,38 +171,44 @@ def _fits(model: nn.Module, state: Mapping[str, torch.Tensor]) -> bool:
 
 
 def _stem_candidates(stem: str) -> list[str]:
-    """Architecture names a file stem may denote, in the order they are tried: registry names the stem
-    starts with, longest first (resnet20-cifar10 -> resnet20); registry names extending the stem
-    (mobilenet_v2 -> mobilenet_v2_cifar); then torchvision models the stem starts with, longest first.
-
-    The project's registry comes first: its CIFAR models match the default preprocessing, and some
-    have the same layers as the torchvision model of the same name (mobilenet_v2)."""
+    """Architecture names a file stem may denote: registry names the stem starts with (resnet56-cifar10 ->
+    resnet56), torchvision models it starts with, and the registry's variants of either (resnet56_b,
+    shufflenet_v2_x0_5_cifar); registry names extending the stem (mobilenet_v2 -> mobilenet_v2_cifar,
+    mobilenet_v2_cifar_s2). Underscores may be left out (shufflenetv2_x0_5 names shufflenet_v2_x0_5)."""
     import torchvision.models
 
     stem = stem.lower()
 
+    def starts_with(text: str, name: str) -> bool:
+        return text == name or (text.startswith(name) and text[len(name)] in _STEM_SEPARATORS)
+
     def starts_stem(name: str) -> bool:
-        return stem == name or (stem.startswith(name) and stem[len(name)] in _STEM_SEPARATORS)
+        return starts_with(stem, name) or starts_with(stem.replace("_", ""), name.replace("_", ""))
 
-    def longest_first(names: list[str]) -> list[str]:
-        return sorted(names, key=len, reverse=True)
-
-    registry = longest_first([name for name in MODELS if starts_stem(name)])
+    registry = [name for name in MODELS if starts_stem(name)]
+    torchvision_names = [name for name in torchvision.models.list_models() if starts_stem(name)]
+    variants = [name for name in MODELS if any(name.startswith(match + "_") for match in registry + torchvision_names)]
     extensions = [name for name in MODELS if name.startswith(stem + "_")]
-    torchvision_names = longest_first([name for name in torchvision.models.list_models() if starts_stem(name)])
-    return list(dict.fromkeys(registry + extensions + [f"{TORCHVISION_PREFIX}{name}" for name in torchvision_names]))
+    return list(dict.fromkeys(registry + variants + extensions + [f"{TORCHVISION_PREFIX}{name}"
+                                                                   for name in torchvision_names]))
 
 
 def infer_arch(path: str | Path, state: Mapping[str, torch.Tensor], num_classes: int | None = None) -> str:
-    """The architecture named by the checkpoint's file name whose layers fit the state dict."""
+    """The one architecture named by the checkpoint's file name whose layers fit the state dict. Several that fit
+    are an error: the same layers can compute different things (mobilenet_v2_cifar and torchvision's
+    mobilenet_v2 differ only in strides)."""
     stem = Path(path).stem
     candidates = _stem_candidates(stem)
     if not candidates:
         raise CheckpointError(f"{path}: cannot tell the architecture from the file name '{stem}'; pass --arch NAME "
                               f"with NAME one of {known_architectures()}")
-    for arch in candidates:
-        if _fits(_build(arch, _kwargs_for(arch, state, num_classes)), state):
-            return arch
+    fitting = [arch for arch in candidates if _fits(_build(arch, _kwargs_for(arch, state, num_classes)), state)]
+    if len(fitting) == 1:
+        return fitting[0]
+    if fitting:
+        raise CheckpointError(f"{path}: the weights fit several architectures its file name suggests "
+                              f"({', '.join(fitting)}), which have the same layers but may compute differently "
+                              "(strides, padding); pass --arch NAME")
     raise CheckpointError(f"{path}: the weights fit none of the architectures its file name suggests "
                           f"({', '.join(candidates)}); pass --arch NAME with NAME one of {known_architectures()}")
 
@@ -224,7 +230,8 @@ def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | 
     """Load a checkpoint file (see the module docstring for the accepted forms) into a model.
 
     `arch` and `num_classes` override what the file says; `preprocessing` entries (mean, std,
-    image_size) override the file's, which default to `Preprocessing()` (the CIFAR-10 ResNet-20's)."""
+    image_size) override the file's, which default to the architecture's `TRAINED_PREPROCESSING`, else to
+    `Preprocessing()` (the CIFAR-10 ResNet-20's)."""
     path = Path(path)
     # Read once: with trust_pickle, every read would run the file's pickled code again.
     raw = read_checkpoint(path, trust_pickle=trust_pickle)
@@ -233,8 +240,10 @@ def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | 
     if described and described.get("version", _UNVERSIONED) != CHECKPOINT_VERSION:
         raise CheckpointError(f"{path}: an {CHECKPOINT_FORMAT} file of format version {described['version']}; this "
                               f"ann2snn reads version {CHECKPOINT_VERSION}")
-    settings = {**dict(described.get("preprocessing") or {}), **dict(preprocessing or {})}
-    resolved_preprocessing = Preprocessing.from_dict(settings)
+    def resolved_preprocessing(arch: str | None) -> Preprocessing:
+        """The user's settings over the file's over the architecture's own (what the zoo model was trained with)."""
+        return Preprocessing.from_dict({**TRAINED_PREPROCESSING.get(arch, {}),
+                                        **dict(described.get("preprocessing") or {}), **dict(preprocessing or {})})
 
     if isinstance(raw, nn.Module) and arch is None:
         changing = _mode_dependent_layers(raw) if raw.training else []
@@ -242,7 +251,7 @@ def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | 
             warnings.warn(f"{path}: the pickled model was saved in training mode; converting its eval() form, in "
                           f"which BatchNorm uses its running statistics and dropout is off ({', '.join(changing)})",
                           ConversionWarning, stacklevel=2)
-        return LoadedModel(raw.eval(), type(raw).__name__, {}, resolved_preprocessing, "pickled module")
+        return LoadedModel(raw.eval(), type(raw).__name__, {}, resolved_preprocessing(None), "pickled module")
     if arch is not None:
         arch_source = "argument"
     elif described:
@@ -256,4 +265,4 @@ def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | 
         arch_kwargs.update(_kwargs_for(arch, state, num_classes))
     model = fit_state_dict(_build(arch, arch_kwargs), state, path)
     quantization = described.get("quantization")
-    return LoadedModel(model.eval(), arch, arch_kwargs, resolved_preprocessing, arch_source, quantization)
+    return LoadedModel(model.eval(), arch, arch_kwargs, resolved_preprocessing(arch), arch_source, quantization)

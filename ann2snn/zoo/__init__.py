@@ -6,13 +6,14 @@ from collections.abc import Callable
 
 from torch import nn
 
+from ann2snn.zoo import cifar_resnet_b, shufflenet_v2_cifar
 from ann2snn.zoo.cifar_resnet import resnet20, resnet32, resnet44, resnet56
 from ann2snn.zoo.cifar_resnet_b import resnet20_b, resnet32_b, resnet44_b, resnet56_b
 from ann2snn.zoo.mobilenet_v2_cifar import mobilenet_v2_cifar, mobilenet_v2_cifar_s2
 from ann2snn.zoo.shufflenet_v2_cifar import shufflenet_v2_x0_5_cifar, shufflenet_v2_x1_0_cifar
 from ann2snn.zoo.vgg_cifar import vgg11_bn_cifar, vgg16_bn_cifar
 
-__all__ = ["MODELS", "TORCHVISION_PREFIX", "build_model"]
+__all__ = ["MODELS", "TORCHVISION_PREFIX", "TRAINED_PREPROCESSING", "build_model"]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet20": resnet20,
@@ -29,6 +30,13 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "shufflenet_v2_x1_0_cifar": shufflenet_v2_x1_0_cifar,
     "vgg11_bn_cifar": vgg11_bn_cifar,
     "vgg16_bn_cifar": vgg16_bn_cifar,
+}
+
+# The input normalisation of the public checkpoints an architecture was written for, where it is not the
+# default (ImageNet's mean and std): a plain state dict of such a model converts with it unless told otherwise.
+TRAINED_PREPROCESSING: dict[str, dict[str, list]] = {
+    **dict.fromkeys(["resnet20_b", "resnet32_b", "resnet44_b", "resnet56_b"], cifar_resnet_b.PREPROCESSING),
+    **dict.fromkeys(["shufflenet_v2_x0_5_cifar", "shufflenet_v2_x1_0_cifar"], shufflenet_v2_cifar.PREPROCESSING),
 }
 
 TORCHVISION_PREFIX = "torchvision:"

@@ -90,16 +90,39 @@ def test_wrapped_data_parallel_checkpoint_with_arch_from_the_file_name(tmp_path:
     assert_same_weights(loaded.model, reference)
 
 
-def test_file_name_inference_prefers_the_longest_fitting_name(tmp_path: Path) -> None:
+def test_file_name_inference_takes_the_one_fitting_name(tmp_path: Path) -> None:
     vgg = build_model("vgg11_bn_cifar").state_dict()
     assert infer_arch(tmp_path / "vgg11_bn_cifar-run3.pt", vgg) == "vgg11_bn_cifar"
-    # The issue's own example: mobilenet_v2.pt is the project's CIFAR MobileNetV2, whose layers
-    # coincide with torchvision's.
-    mobilenet = build_model("mobilenet_v2_cifar").state_dict()
-    assert infer_arch(tmp_path / "mobilenet_v2.pt", mobilenet) == "mobilenet_v2_cifar"
+    # a variant of the name the file starts with: chenyaofo's option-B ResNet-56 is not the option-A resnet56
+    option_b = build_model("resnet56_b").state_dict()
+    assert infer_arch(tmp_path / "resnet56-cifar10-chenyaofo.pt", option_b) == "resnet56_b"
     # Names the registry lacks come from torchvision.
     small = build_model("torchvision:mobilenet_v3_small", num_classes=10).state_dict()
     assert infer_arch(tmp_path / "mobilenet_v3_small.pt", small) == "torchvision:mobilenet_v3_small"
+
+
+@pytest.mark.parametrize("stem, arch, fitting", [
+    ("mobilenet_v2", "torchvision:mobilenet_v2",
+     "mobilenet_v2_cifar, mobilenet_v2_cifar_s2, torchvision:mobilenet_v2"),
+    # underscores left out of the file name, as chenyaofo's release names them
+    ("shufflenetv2_x0_5-cifar10-chenyaofo", "shufflenet_v2_x0_5_cifar",
+     "shufflenet_v2_x0_5_cifar, torchvision:shufflenet_v2_x0_5"),
+])
+def test_several_fitting_names_are_an_error(tmp_path: Path, stem: str, arch: str, fitting: str) -> None:
+    """The same layers with other strides compute something else: a torchvision mobilenet_v2 saved as
+    mobilenet_v2.pt was silently built as mobilenet_v2_cifar, whose outputs differ completely."""
+    state = build_model(arch, num_classes=10).state_dict()
+    with pytest.raises(CheckpointError, match=rf"fit several architectures .*\({fitting}\).*pass --arch"):
+        infer_arch(tmp_path / f"{stem}.pt", state)
+
+
+def test_a_zoo_architecture_brings_the_preprocessing_it_was_trained_with(tmp_path: Path) -> None:
+    path = tmp_path / "weights.pt"
+    torch.save(build_model("resnet20_b").state_dict(), path)
+    assert load_model(path, arch="resnet20_b").preprocessing.mean == [0.4914, 0.4822, 0.4465]
+    assert load_model(path, arch="resnet20_b", preprocessing={"mean": [0.5] * 3}).preprocessing.mean == [0.5] * 3
+    torch.save(build_model("resnet20").state_dict(), path)
+    assert load_model(path, arch="resnet20").preprocessing.mean == [0.485, 0.456, 0.406]
 
 
 def test_torchvision_arch_by_name(tmp_path: Path) -> None:
@@ -122,7 +145,8 @@ def test_unknown_file_name_says_what_to_pass(tmp_path: Path) -> None:
 def test_file_name_that_does_not_fit_the_weights(tmp_path: Path) -> None:
     path = tmp_path / "resnet32-cifar10.pt"
     torch.save(build_model("resnet20").state_dict(), path)
-    with pytest.raises(CheckpointError, match=r"fit none of the architectures its file name suggests \(resnet32\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"fit none of the architectures its file name suggests \(resnet32, resnet32_b\)"):
         load_model(path)
 
 
