@@ -38,8 +38,10 @@ from ann2snn.io import saved_network
 from ann2snn.io.batches import check_model_accepts, device_of
 from ann2snn.io.data import known_labels, make_loader, open_dataset, stratified_subset
 from ann2snn.io.model_loading import LoadedModel, Preprocessing, load_model
+from ann2snn.runtime.coding import Coding
 from ann2snn.runtime.memory import default_memory_limit
 from ann2snn.runtime.network import SpikingNetwork
+from ann2snn.runtime.neuron_kinds import NEURON_KINDS
 from ann2snn.training.bit_allocation import allocate_bits
 from ann2snn.training.pruning import PRUNE_MODES, PruningSummary, check_amount, prune
 
@@ -56,13 +58,15 @@ def _note(message: str) -> None:
 class Execution:
     """How the work runs, not what it computes: batches of `batch_size` (the unit of sharding under
     torchrun), stratified subsets drawn with `seed`, on `device`, simulating within `max_memory` bytes
-    (default: half of what is available)."""
+    (default: half of what is available), and with `stop_when_quiet` (signed neurons) each batch only until
+    its outputs are final."""
 
     batch_size: int = 128
     seed: int = 0
     device: torch.device | str = "cpu"
     progress: bool = True
     max_memory: int | None = None
+    stop_when_quiet: bool = False
 
 
 @dataclass(frozen=True)
@@ -194,6 +198,13 @@ def convert_loaded(loaded: LoadedModel, calibration: Dataset, config: Conversion
     return snn, model
 
 
+def check_stop_when_quiet(execution: Execution, coding: Coding) -> None:
+    """Before any work: stopping when quiet needs a network whose output settles."""
+    if execution.stop_when_quiet and not coding.settles:
+        raise ValueError(f"stop when quiet needs signed neurons (accumulate coding), not {coding.name} coding: a "
+                         "rate-coded network keeps integrating its input, so a quiet step says nothing")
+
+
 def default_T_list(T: int) -> list[int]:
     """The time steps a report shows by default: T/4, T/2, T and 2T."""
     return sorted({max(1, T // 4), max(1, T // 2), T, 2 * T})
@@ -209,7 +220,7 @@ def evaluate_document(snn: SpikingNetwork, ann: nn.Module | None, evaluation: tu
     max_memory = execution.max_memory if execution.max_memory is not None else default_memory_limit(device_of(snn))
     report = evaluate(snn, make_loader(shard(dataset, execution.batch_size), execution.batch_size),
                       T_list or default_T_list(snn.T), ann=ann, chunk_size=chunk_size,
-                      progress=execution.progress, max_memory=max_memory)
+                      progress=execution.progress, max_memory=max_memory, stop_when_quiet=execution.stop_when_quiet)
     return {**report.to_json(), "model": model, "data": {**data, "evaluation": evaluation_entry}}
 
 
@@ -228,6 +239,7 @@ def convert_checkpoint(checkpoint: str | Path | LoadedModel, config: ConversionC
     else:
         loaded, source = load_model(checkpoint), checkpoint
     config = checkpoint_config(loaded, config, **settings)
+    check_stop_when_quiet(execution, NEURON_KINDS[config.neuron.kind].coding)
     evaluation = None
     if eval is not None:
         evaluation = open_data(eval, loaded.preprocessing, eval_size, execution.seed)
@@ -270,6 +282,7 @@ def evaluate_saved(target: str | Path, data: str, *, eval_size: int | None = Non
                    execution: Execution = Execution()) -> dict[str, Any]:
     """The report.json document of a saved conversion evaluated on `data` (see `evaluate_document`)."""
     saved, resolved = load_conversion(target, preprocessing=preprocessing, device=execution.device)
+    check_stop_when_quiet(execution, saved.snn.coding)
     model = {**saved.metadata.get("model", {}), "preprocessing": resolved.to_dict()}
     return evaluate_document(saved.snn, saved.ann, open_data(data, resolved, eval_size, execution.seed), model, {},
                              T_list=T_list, chunk_size=chunk_size, execution=execution)

@@ -67,7 +67,8 @@ def positive_int(text: str) -> int:
 
 
 def _T_list(text: str) -> list[int]:
-    values = sorted({positive_int(piece) for piece in text.replace(" ", "").split(",") if piece})
+    """Time step counts separated by commas or spaces ('8,16,32' or '8 16 32'; "4 8" is not 48)."""
+    values = sorted({positive_int(piece) for piece in text.replace(",", " ").split()})
     if not values:
         raise argparse.ArgumentTypeError(f"expected at least one time step count, got {text!r}")
     return values
@@ -212,6 +213,9 @@ def run_arguments() -> argparse.ArgumentParser:
                             "fit fails before any simulation")
     group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="auto: cuda when available, else cpu")
+    group.add_argument("--stop-when-quiet", action="store_true",
+                       help="signed neurons: simulate each batch only until no neuron fires (its outputs are "
+                            "final); the report gives the steps per image")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
     group.add_argument("--force", action="store_true", help="replace an existing output directory")
     group.add_argument("--dist-timeout", type=positive_int, metavar="SECONDS",
@@ -249,7 +253,7 @@ def data_parallel(command: Callable[[argparse.Namespace], int]) -> Callable[[arg
 
 def execution(args: argparse.Namespace) -> Execution:
     return Execution(batch_size=args.batch_size, seed=args.seed, device=device(args.device),
-                     progress=not args.no_progress and is_main_process(),
+                     progress=not args.no_progress and is_main_process(), stop_when_quiet=args.stop_when_quiet,
                      max_memory=int(args.max_memory * MEBIBYTE) if args.max_memory is not None else None)
 
 

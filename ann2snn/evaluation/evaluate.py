@@ -66,6 +66,8 @@ class EvaluationReport:
     ann_macs_per_image: float | None
     config: dict[str, Any]
     timing: dict[str, Any]
+    # with stop_when_quiet: the steps simulated until each image's output was final, mean and max over images
+    quiet_steps: dict[str, float] | None = None
 
     @property
     def ann_energy_uj(self) -> float | None:
@@ -107,6 +109,7 @@ class EvaluationReport:
                 "ann_over_snn": (_by_T({T: ann_energy / energy for T, energy in snn_energy.items() if energy})
                                  if ann_energy is not None else None),
             },
+            "quiet_steps": dict(self.quiet_steps) if self.quiet_steps is not None else None,
             "config": dict(self.config),
             "timing": dict(self.timing),
         }
@@ -187,8 +190,8 @@ def _checked_batches(loader: Iterable[Any], device: torch.device,
 
 @torch.no_grad()
 def evaluate(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] | None = None, *,
-             ann: nn.Module | None = None, chunk_size: int | None = None,
-             progress: bool = False, max_memory: int | None = None) -> EvaluationReport:
+             ann: nn.Module | None = None, chunk_size: int | None = None, progress: bool = False,
+             max_memory: int | None = None, stop_when_quiet: bool = False) -> EvaluationReport:
     """Measure `snn` (and the `ann` it was converted from, if given, and its QANN) on labelled batches.
 
     Batches are (inputs, labels) tuples or dicts with image and label keys; inputs are moved to the
@@ -199,6 +202,8 @@ def evaluate(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] |
     estimated memory fits (`ann2snn.runtime.memory`); `timing` reports the peak memory the run used.
     In a torch.distributed process group every process passes its own shard of the data (see
     `ann2snn.distributed.shard`) and gets the report of all shards; timings are the slowest process's.
+    With `stop_when_quiet` (signed neurons), a batch stops once every image's network is quiet (its output is
+    final); `quiet_steps` reports how many steps each image needed, and the counts cover only the steps run.
     """
     T_list = [snn.T] if T_list is None else list(T_list)
     if not T_list:
@@ -223,6 +228,7 @@ def evaluate(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] |
     agreeing = dict.fromkeys(T_list, 0)
     spikes_by_T = {T: 0.0 for T in T_list}
     layer_spikes: dict[str, float] = {}
+    quiet_steps_sum = quiet_steps_max = 0
     snn_seconds = 0.0
 
     with ExitStack() as stack:
@@ -260,7 +266,7 @@ def evaluate(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] |
 
             _synchronize(device)
             simulation_start = time.perf_counter()
-            result = snn.simulate(x, T_list, chunk_size=batch_chunk)
+            result = snn.simulate(x, T_list, chunk_size=batch_chunk, stop_when_quiet=stop_when_quiet)
             _synchronize(device)
             snn_seconds += time.perf_counter() - simulation_start
 
@@ -272,6 +278,8 @@ def evaluate(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] |
                 spikes_by_T[T] += sum(float(count.sum(dtype=torch.float64)) for count in result.spikes[T].values())
             for name, count in result.spikes[T_max].items():
                 layer_spikes[name] = layer_spikes.get(name, 0.0) + float(count.sum(dtype=torch.float64))
+            quiet_steps_sum += int(result.steps_used.sum())
+            quiet_steps_max = max(quiet_steps_max, int(result.steps_used.max()))
         _synchronize(device)
         wall_seconds = time.perf_counter() - start
 
@@ -283,7 +291,9 @@ def evaluate(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] |
      body_ops.multiply_accumulates, prefix_ops.multiply_accumulates, ann_macs) = reduce_over_processes(
         (images, correct_ann, correct_qann, correct_snn, agreeing, spikes_by_T, layer_spikes, body_ops.accumulates,
          body_ops.multiply_accumulates, prefix_ops.multiply_accumulates, ann_macs), "sum")
-    firing.fired, wall_seconds, snn_seconds = reduce_over_processes((firing.fired, wall_seconds, snn_seconds), "max")
+    quiet_steps_sum = reduce_over_processes(quiet_steps_sum, "sum")
+    firing.fired, wall_seconds, snn_seconds, quiet_steps_max = reduce_over_processes(
+        (firing.fired, wall_seconds, snn_seconds, quiet_steps_max), "max")
     peak_bytes = reduce_over_processes(peak_memory.bytes, "max")
     layers = [
         LayerActivity(
@@ -326,4 +336,6 @@ def evaluate(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] |
             "memory_limit_mb": max_memory / MEBIBYTE if max_memory is not None else None,
             "chunk_size": first_chunk,
         },
+        quiet_steps={"mean": quiet_steps_sum / images, "max": quiet_steps_max, "of": T_max} if stop_when_quiet
+        else None,
     )

@@ -121,6 +121,15 @@ def _data_lines(document: Document) -> list[str]:
     return lines
 
 
+def _quiet_line(document: Document) -> str:
+    """With stop-when-quiet, how many steps the images needed; empty without."""
+    quiet = document.get("quiet_steps")
+    if not quiet:
+        return ""
+    return (f"Stopped when quiet: {quiet['mean']:.1f} steps per image on average (at most {quiet['max']} of "
+            f"{quiet['of']}); the output is final once no neuron fires.")
+
+
 def markdown(document: Document) -> str:
     """report.md: the report as readable tables."""
     energy, timing = document["energy"], document["timing"]
@@ -134,6 +143,7 @@ def markdown(document: Document) -> str:
             if model else "",
             *_data_lines(document),
             f"{document['images']} evaluation images; one simulation per batch up to T = {max(_T_values(document))}.",
+            _quiet_line(document),
         ] if line),
         "## Accuracy, operations and energy per image\n\n" + _markdown_table(network_header, network_rows),
         f"Energy constants: {energy['reference']}. {energy['method']} First-layer MACs on the analog input "
@@ -168,6 +178,8 @@ def summary(document: Document) -> str:
         "",
         f"Energy: {energy['reference']}.",
     ]
+    if document.get("quiet_steps"):
+        lines.append(_quiet_line(document))
     if quietest is not None:
         lines.append(f"{len(document['spikes']['per_layer'])} spiking layers; lowest firing rate "
                      f"{_percent(quietest['firing_rate'])} in {quietest['name']}.")

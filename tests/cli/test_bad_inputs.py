@@ -132,6 +132,15 @@ def test_bad_checkpoints(capsys, tmp_path: Path, digits: Path, make) -> None:
 # Parameters ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("given", ["4 8", "4,8", " 8, 4 ", "4,,8"])
+def test_T_lists_separated_by_commas_or_spaces(given: str) -> None:
+    """"4 8" was read as T = 48."""
+    from ann2snn.cli.main import build_parser
+
+    args = build_parser().parse_args(["convert", "x.pt", "--T-list", given])
+    assert args.T_list == [4, 8]
+
+
 @pytest.mark.parametrize("option, value, reason", [
     ("--T", "0", "argument --T: expected a positive integer, got '0'"),
     ("--T", "-3", "argument --T: expected a positive integer, got '-3'"),

@@ -341,3 +341,19 @@ def test_shared_resnet20_cli_matches_the_python_api(capsys, shared: Path, tmp_pa
     assert document["ann_macs_per_image"] == expected["ann_macs_per_image"]
     # The shipped ResNet-20 scores about 81 % on this JPEG test set (README); 100 images are noisy.
     assert 0.7 <= document["accuracy"]["ann"] <= 0.92
+
+
+def test_stop_when_quiet_with_signed_neurons(capsys, tmp_path: Path) -> None:
+    checkpoint = digits_checkpoint(tmp_path)
+    code, out, err = run(capsys, *digits_args(checkpoint, "--neuron", "signed", "--T", "64", "--T-list", "64",
+                                              "--stop-when-quiet", "--out", tmp_path / "quiet"))
+    assert code == 0, err
+    quiet = json.loads((tmp_path / "quiet" / "report.json").read_text())["quiet_steps"]
+    assert 1 <= quiet["mean"] <= quiet["max"] <= 64 and "Stopped when quiet:" in out
+
+
+def test_stop_when_quiet_needs_signed_neurons_before_any_work(capsys, tmp_path: Path) -> None:
+    checkpoint = digits_checkpoint(tmp_path)
+    code, out, err = run(capsys, *digits_args(checkpoint, "--stop-when-quiet", "--out", tmp_path / "rate"))
+    assert_one_line_error(code, err, 1, "stop when quiet needs signed neurons (accumulate coding), not rate coding")
+    assert "calibrating" not in err and not (tmp_path / "rate").exists()

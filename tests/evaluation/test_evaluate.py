@@ -93,6 +93,26 @@ def test_signed_neurons_reach_the_qann_and_count_the_input_layer_once() -> None:
     assert report.config["coding"] == "accumulate"
 
 
+def test_stop_when_quiet_reports_the_steps_each_image_needed() -> None:
+    """The same accuracies and spikes as the full simulation (a quiet signed network's output is final), and the
+    mean and largest number of steps the images needed, as `simulate` counts them."""
+    model = mlp()
+    data = labelled_by(model)
+    snn = ann2snn.convert(model, DataLoader(data, batch_size=16), T=64, neuron="signed")
+    full = ann2snn.evaluate(snn, DataLoader(data, batch_size=16), [64])
+    quiet = ann2snn.evaluate(snn, DataLoader(data, batch_size=16), [64], stop_when_quiet=True)
+    assert full.quiet_steps is None and "quiet_steps" in full.to_json()
+    assert quiet.accuracy_snn == full.accuracy_snn and quiet.spikes_per_image == full.spikes_per_image
+    steps = torch.cat([snn.simulate(inputs, [64], stop_when_quiet=True).steps_used
+                       for inputs, _ in DataLoader(data, batch_size=16)])
+    assert quiet.quiet_steps == {"mean": pytest.approx(float(steps.float().mean())), "max": int(steps.max()),
+                                 "of": 64}
+    assert 1 <= quiet.quiet_steps["mean"] < 64
+    with pytest.raises(ValueError, match="stop_when_quiet needs accumulate coding"):
+        ann2snn.evaluate(ann2snn.convert(model, DataLoader(data, batch_size=16), T=8),
+                         DataLoader(data, batch_size=16), stop_when_quiet=True)
+
+
 def test_never_fired_fraction_counts_silent_neurons() -> None:
     model = mlp()
     with torch.no_grad():
