@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 
@@ -17,8 +16,6 @@ from ann2snn.config import (
     SimulationConfig,
     quantization_config,
 )
-
-REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_are_todays():
@@ -116,13 +113,3 @@ def test_quantization_config_shorthands():
     assert quantization_config({"default": 2}, per_channel=True) == QuantizationConfig({"default": 2}, per_channel=True)
     conversion = ConversionConfig.from_dict({"qbits": 2, "neuron": "signed"})
     assert quantization_config(conversion, threshold_rule="max") == QuantizationConfig(2, threshold_rule="max")
-
-
-def test_baseline_entries_are_conversion_records():
-    """calibration/baselines.json's "conversion" entries read as they are (their one extra key says where the
-    thresholds come from, see ann2snn.evaluation.regression)."""
-    baselines = json.loads((REPOSITORY / "calibration" / "baselines.json").read_text())
-    for name, entry in baselines["models"].items():
-        record = {key: value for key, value in entry["conversion"].items() if key != "fine_tuned_thresholds"}
-        config = ConversionConfig.from_dict(record)
-        assert {key: config.to_dict()[key] for key in record} == record, name

@@ -6,9 +6,12 @@
     ann2snn inspect CHECKPOINT
     ann2snn export DIR-or-FILE [--format single-step|t-step|qann|all] [--T N] [--out DIR]
     ann2snn analyze DIR-or-CHECKPOINT [--data DATA] [--out DIR]
+    ann2snn baseline record CHECKPOINT... --out FILE [conversion options]
+    ann2snn baseline check FILE | update FILE
 
 Exit codes: 0 on success, 1 when the work fails (unconvertible model, unreadable checkpoint, missing
-data, ...), 2 for usage errors; errors are printed as one line `ann2snn: error: <reason>`."""
+data, a regression found by `baseline check`, ...), 2 for usage errors;
+errors are printed as one line `ann2snn: error: <reason>`."""
 from __future__ import annotations
 
 import argparse
@@ -20,7 +23,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from ann2snn.cli import analyze, arguments, convert, eval, export, inspect
+from ann2snn.cli import analyze, arguments, baseline, convert, eval, export, inspect
 from ann2snn.cli.arguments import PROGRAM, Parser, UsageError
 from ann2snn.distributed import is_distributed, rank, world_size
 from ann2snn.errors import ConversionError, ConversionWarning
@@ -37,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_parser(commands, [model])
     export.add_parser(commands)
     analyze.add_parser(commands, converting)
+    baseline.add_parser(commands, converting)
     return parser
 
 

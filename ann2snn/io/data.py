@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -20,6 +21,7 @@ __all__ = [
     "ListFileDataset",
     "MNIST5k",
     "cifar10_transform",
+    "fingerprint",
     "known_labels",
     "make_loader",
     "mnist5k",
@@ -110,6 +112,37 @@ def known_labels(dataset: Dataset[Any]) -> list[int] | None:
         return None if labels is None else [labels[index] for index in dataset.indices]
     targets = getattr(dataset, "targets", None)
     return None if targets is None else [int(target) for target in targets]
+
+
+def _raw_samples(dataset: Dataset[Any]) -> tuple[list[Path] | Tensor, list[int]]:
+    """A data set's samples as stored, without decoding (image files, or one tensor of every sample's pixels), and
+    their labels; a Subset's in its order."""
+    if isinstance(dataset, Subset):
+        items, labels = _raw_samples(dataset.dataset)
+        indices = list(dataset.indices)
+        chosen = [items[index] for index in indices] if isinstance(items, list) else items[torch.tensor(indices)]
+        return chosen, [labels[index] for index in indices]
+    samples = getattr(dataset, "samples", None)
+    if samples is not None:  # ImageFolder and list files
+        return [Path(path) for path, _ in samples], [int(label) for _, label in samples]
+    stored = getattr(dataset, "data", getattr(dataset, "images", None))  # CIFAR-10's array, MNIST5k's tensor
+    if stored is not None:
+        return torch.as_tensor(stored), [int(target) for target in dataset.targets]
+    # anything else: the samples themselves, transformed
+    pairs = [dataset[index] for index in range(len(dataset))]  # type: ignore[arg-type]
+    return torch.stack([torch.as_tensor(image) for image, _ in pairs]), [int(label) for _, label in pairs]
+
+
+def fingerprint(dataset: Dataset[Any]) -> str:
+    """SHA-256 of every sample's stored bytes and its label, in order: the same only for the same data."""
+    items, labels = _raw_samples(dataset)
+    digest = hashlib.sha256(torch.tensor(labels, dtype=torch.int64).numpy().tobytes())
+    if isinstance(items, Tensor):
+        digest.update(items.contiguous().numpy().tobytes())
+    else:
+        for path in items:
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def _labels_of(dataset: Dataset[Any]) -> list[int]:
