@@ -14,11 +14,12 @@ A baselines file is a JSON document (what counts as a regression: `ann2snn.evalu
 `load` holds the model options given (arch, num_classes, mean, std, image_size); `conversion` the conversion
 settings given, flat as `ann2snn.config` records name them: the rest take the defaults of the ann2snn that
 checks, so a changed default is checked too; `options` the others (calib_size, eval_size, seed, batch_size,
-recalibrate, qbits_budget, pruning). `config` (the configuration resolved when recording) and `versions` are
-there for the reader. Paths are relative to the file's directory, or `<shared>/...` below the shared data
-directory ($ANN2SNN_SHARED), so that the file works from any working directory and on any machine with the same
-data. Data whose fingerprint (every image's bytes and label) differs from the recorded one is refused before
-anything is converted. A pickled checkpoint needs --trust-pickle on the command line; the file cannot grant it.
+stop_when_quiet, recalibrate, qbits_budget, pruning). `config` (the configuration resolved when recording)
+and `versions` are there for the reader. Paths are relative to the file's directory, or `<shared>/...` below
+the shared data directory ($ANN2SNN_SHARED), so that the file works from any working directory and on any
+machine with the same data. Data whose fingerprint (every image's bytes and label) differs from the recorded
+one is refused before anything is converted. A pickled checkpoint needs --trust-pickle on the command line;
+the file cannot grant it.
 """
 from __future__ import annotations
 
@@ -117,7 +118,8 @@ def measure(entry: Mapping[str, Any], data: Mapping[str, str], base: Path, *, tr
         finetune_data = pruning.get("finetune_data")
         pruning = Pruning(**{**pruning, "finetune_data": finetune_data and _resolved_spec(finetune_data, base)})
     execution = dataclasses.replace(execution, seed=options.pop("seed", 0),
-                                    batch_size=options.pop("batch_size", Execution.batch_size))
+                                    batch_size=options.pop("batch_size", Execution.batch_size),
+                                    stop_when_quiet=options.pop("stop_when_quiet", False))
     conversion = convert_checkpoint(loaded, source=entry["checkpoint"], calib=data["calibration"],
                                     eval=data["evaluation"], T_list=entry["T_list"], pruning=pruning,
                                     execution=execution, **options, **entry["conversion"])
