@@ -46,6 +46,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--warmup-epochs", type=float, default=0.0)
     parser.add_argument("--label-smoothing", type=float, default=0.0)
+    parser.add_argument("--cutout", type=int, default=0, metavar="PIXELS",
+                        help="cut out one square of this size per training image (default 0: none)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train", help="training data (default <shared>/data/cifar10/train)")
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
           f"in {time.perf_counter() - started:.0f} s")
     normalisation = (preprocessing.mean, preprocessing.std)
     train_loader = TensorBatches(train_images, train_labels, args.batch_size, *normalisation, augment=True,
-                                 shuffle=True, seed=args.seed)
+                                 shuffle=True, seed=args.seed, cutout=args.cutout)
     eval_loader = TensorBatches(eval_images, eval_labels, 500, *normalisation, augment=False, shuffle=False)
 
     config = TrainingConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,

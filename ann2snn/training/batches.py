@@ -33,11 +33,13 @@ def decode_images(dataset: Dataset, *, progress: bool = True, batch_size: int = 
 
 class TensorBatches:
     """Normalised float batches (x, y) from uint8 images, reshuffled every epoch with a seeded generator,
-    with crop-and-flip augmentation when `augment`. Iterating again starts the next epoch; `set_epoch`
-    picks one (for resuming)."""
+    with crop-and-flip augmentation when `augment`, and then, with `cutout` > 0, one `cutout` x `cutout` square
+    per image (its centre anywhere in the image, clipped at the borders) set to 0 after normalisation, the
+    data's mean (DeVries and Taylor, 2017). Iterating again starts the next epoch; `set_epoch` picks one (for
+    resuming)."""
 
     def __init__(self, images: Tensor, labels: Tensor, batch_size: int, mean: Sequence[float], std: Sequence[float],
-                 *, augment: bool, shuffle: bool, seed: int = 0, padding: int = 4):
+                 *, augment: bool, shuffle: bool, seed: int = 0, padding: int = 4, cutout: int = 0):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
         if len(images) != len(labels):
@@ -46,7 +48,9 @@ class TensorBatches:
         self.batch_size = batch_size
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255
-        self.augment, self.shuffle, self.seed, self.padding = augment, shuffle, seed, padding
+        if cutout < 0:
+            raise ValueError(f"cutout must be a size >= 0, got {cutout}")
+        self.augment, self.shuffle, self.seed, self.padding, self.cutout = augment, shuffle, seed, padding, cutout
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -65,7 +69,20 @@ class TensorBatches:
             images = self.images[indices]
             if self.augment:
                 images = self._crop_and_flip(images, generator)
-            yield (images.float() - self.mean) / self.std, self.labels[indices]
+            normalised = (images.float() - self.mean) / self.std
+            if self.augment and self.cutout:
+                normalised = self._cut_out(normalised, generator)
+            yield normalised, self.labels[indices]
+
+    def _cut_out(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        count, _, height, width = images.shape
+        centres = torch.stack([torch.randint(0, height, (count,), generator=generator),
+                               torch.randint(0, width, (count,), generator=generator)], dim=1)
+        rows, columns = torch.arange(height).view(1, -1, 1), torch.arange(width).view(1, 1, -1)
+        low, high = -(self.cutout // 2), self.cutout - self.cutout // 2
+        inside = ((rows - centres[:, :1, None] >= low) & (rows - centres[:, :1, None] < high)
+                  & (columns - centres[:, 1:, None] >= low) & (columns - centres[:, 1:, None] < high))
+        return images.masked_fill(inside.unsqueeze(1), 0.0)
 
     def _crop_and_flip(self, images: Tensor, generator: torch.Generator) -> Tensor:
         count, _, height, width = images.shape

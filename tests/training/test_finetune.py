@@ -167,6 +167,24 @@ def test_training_batches_are_seeded_crops_and_flips_of_each_image_once_per_epoc
     assert not all(torch.equal(a[0], b[0]) for a, b in zip(epoch0, batches))  # epoch 2 differs
 
 
+def test_cutout_zeroes_one_clipped_square_per_image_after_normalisation():
+    images = torch.full((64, 3, 8, 8), 200, dtype=torch.uint8)
+    batches = TensorBatches(images, torch.zeros(64, dtype=torch.long), 64, [100.0 / 255] * 3, [1 / 255] * 3,
+                            augment=True, shuffle=False, padding=0, cutout=4)
+    (x, _), = list(batches)
+    assert set(x.unique().tolist()) == {0.0, 100.0}  # cut out: 0, the mean; elsewhere (200 - 100) / 1
+    cut = x[:, 0] == 0
+    assert torch.equal(cut, (x == 0).all(dim=1))  # the same square in every channel
+    areas = cut.sum(dim=(1, 2))
+    assert areas.max() == 16 and areas.min() >= 4  # whole inside, or clipped at a corner (at least 2 x 2)
+    rows, columns = cut.any(dim=2), cut.any(dim=1)
+    assert torch.equal(areas, rows.sum(1) * columns.sum(1))  # one rectangle
+    batches.set_epoch(0)
+    assert torch.equal(next(iter(batches))[0], x)  # seeded
+    assert next(iter(TensorBatches(images, torch.zeros(64, dtype=torch.long), 64, [0.0] * 3, [1.0] * 3,
+                                   augment=False, shuffle=False, cutout=4)))[0].min() > 0  # only when augmenting
+
+
 def test_training_batches_reject_float_images():
     with pytest.raises(ValueError, match="uint8"):
         TensorBatches(torch.zeros(2, 3, 4, 4), torch.zeros(2), 1, [0.0], [1.0], augment=False, shuffle=False)
