@@ -44,8 +44,12 @@ def measurement(report: dict[str, Any]) -> dict[str, Any]:
     """A baseline's measured values from a report.json document: accuracies in percent, activities per image,
     maps keyed by T as strings."""
     accuracy = report["accuracy"]
-    percent = {T: 100 * value for T, value in accuracy["snn"].items()}
-    return {"ann": 100 * accuracy["ann"], "qann": 100 * accuracy["qann"], "snn": percent,
+
+    def percent(fraction: float) -> float:
+        return round(100 * fraction, 6)  # 84.9, not 84.89999999999999: accuracies are counts of images
+
+    return {"ann": percent(accuracy["ann"]), "qann": percent(accuracy["qann"]),
+            "snn": {T: percent(value) for T, value in accuracy["snn"].items()},
             "spikes_per_image": report["spikes"]["per_image"], "synops_per_image": report["synops_per_image"],
             "energy_uj_per_image": report["energy"]["snn_uj_per_image"]}
 
