@@ -70,6 +70,9 @@ def _entry_names(args: argparse.Namespace, settings: dict) -> list[str]:
 def run_record(args: argparse.Namespace) -> int:
     settings = arguments.conversion_settings(args)
     names = _entry_names(args, settings)
+    missing = [str(path) for path in args.checkpoints if not path.is_file()]
+    if missing:
+        raise UsageError(f"checkpoint {', '.join(missing)} not found")
     tolerance = Tolerance(args.accuracy_tolerance, args.activity_tolerance)
     base = args.out.absolute().parent
     data = {"calibration": arguments.data_spec(args.calib, DEFAULT_CALIBRATION, "--calib"),

@@ -126,5 +126,9 @@ def test_record_refuses_clashes_and_foreign_files(baselines: Path, tmp_path: Pat
     code, out, err = _record(capsys, tmp_path, "--out", foreign)
     assert_one_line_error(code, err, 1, "notes.json: not an ann2snn-baselines file")
     assert foreign.read_text() == '{"my": "notes"}'
+    code, out, err = run_cli(capsys, "baseline", "record", tmp_path / "digits.pt", tmp_path / "gone.pt", *RECORD,
+                             "--out", tmp_path / "new.json", "--name", "a", "--name", "b")
+    assert_one_line_error(code, err, 2, "gone.pt not found")  # before the first checkpoint is converted
+    assert not (tmp_path / "new.json").exists()
     code, out, err = run_cli(capsys, "baseline", "check", baselines, "--only", "resnet", "--trust-pickle")
     assert_one_line_error(code, err, 1, "no baseline entry named resnet; the entries are digits/default")
