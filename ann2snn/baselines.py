@@ -27,12 +27,13 @@ import dataclasses
 import datetime
 import os
 import platform
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ann2snn.config import SimulationConfig
 from ann2snn.evaluation.regression import Comparison, Tolerance, compare, load_baselines, measurement
 from ann2snn.io.data import fingerprint, open_dataset, shared_dir
 from ann2snn.io.model_loading import load_model
@@ -41,7 +42,6 @@ from ann2snn.workflow import Execution, Pruning, convert_checkpoint, default_T_l
 SHARED_PREFIX = "<shared>/"
 _PREFIXED_SPECS = ("cifar10:", "cifar10-train:")
 _NAMED_SPECS = ("mnist5k",)
-LOAD_OPTIONS = ("arch", "num_classes", "mean", "std", "image_size")
 
 
 class BaselineError(ValueError):
@@ -70,18 +70,20 @@ def resolve_path(stored: str, base: Path) -> Path:
     return base / stored
 
 
-def _portable_spec(spec: str, base: Path) -> str:
+def _map_spec_path(spec: str, change: Callable[[str], str]) -> str:
+    """A DATA spec with the path in it changed (`cifar10:<dir>` keeps its prefix; `mnist5k` has no path)."""
     if spec in _NAMED_SPECS:
         return spec
     prefix = next((prefix for prefix in _PREFIXED_SPECS if spec.startswith(prefix)), "")
-    return prefix + portable_path(spec.removeprefix(prefix), base)
+    return prefix + change(spec.removeprefix(prefix))
+
+
+def _portable_spec(spec: str, base: Path) -> str:
+    return _map_spec_path(spec, lambda path: portable_path(path, base))
 
 
 def _resolved_spec(stored: str, base: Path) -> str:
-    if stored in _NAMED_SPECS:
-        return stored
-    prefix = next((prefix for prefix in _PREFIXED_SPECS if stored.startswith(prefix)), "")
-    return prefix + str(resolve_path(stored.removeprefix(prefix), base))
+    return _map_spec_path(stored, lambda path: str(resolve_path(path, base)))
 
 
 def data_record(spec: str, base: Path) -> dict[str, Any]:
@@ -136,11 +138,11 @@ def new_entry(checkpoint: Path, base: Path, *, load: Mapping[str, Any], conversi
         if record["finetune_data"] is not None:
             record["finetune_data"] = _portable_spec(record["finetune_data"], base)
         stored_options["pruning"] = record
-    T = conversion.get("T")
     return {"checkpoint": portable_path(checkpoint, base),
             "load": {key: value for key, value in load.items() if value is not None},
             "conversion": dict(conversion), "options": stored_options,
-            "T_list": sorted(T_list or default_T_list(T or 32)), "tolerance": tolerance.to_dict()}
+            "T_list": sorted(T_list or default_T_list(conversion.get("T", SimulationConfig.T))),
+            "tolerance": tolerance.to_dict()}
 
 
 def with_measurement(entry: Mapping[str, Any], report: Mapping[str, Any]) -> dict[str, Any]:

@@ -288,10 +288,9 @@ def evaluate(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] |
     # an integer (spikes and synaptic operations too), so the sums are exact whatever the order.
     ann_macs = ann_ops.multiply_accumulates if ann_ops is not None else None
     (images, correct_ann, correct_qann, correct_snn, agreeing, spikes_by_T, layer_spikes, body_ops.accumulates,
-     body_ops.multiply_accumulates, prefix_ops.multiply_accumulates, ann_macs) = reduce_over_processes(
+     body_ops.multiply_accumulates, prefix_ops.multiply_accumulates, ann_macs, quiet_steps_sum) = reduce_over_processes(
         (images, correct_ann, correct_qann, correct_snn, agreeing, spikes_by_T, layer_spikes, body_ops.accumulates,
-         body_ops.multiply_accumulates, prefix_ops.multiply_accumulates, ann_macs), "sum")
-    quiet_steps_sum = reduce_over_processes(quiet_steps_sum, "sum")
+         body_ops.multiply_accumulates, prefix_ops.multiply_accumulates, ann_macs, quiet_steps_sum), "sum")
     firing.fired, wall_seconds, snn_seconds, quiet_steps_max = reduce_over_processes(
         (firing.fired, wall_seconds, snn_seconds, quiet_steps_max), "max")
     peak_bytes = reduce_over_processes(peak_memory.bytes, "max")

@@ -110,22 +110,18 @@ def format_table(rows: list[Comparison]) -> str:
     return "\n".join(lines)
 
 
-def read_versioned(path: Path, file_format: str, version: int) -> dict[str, Any]:
-    """A JSON document of ours, refused unless it carries `file_format` and `version`."""
+def load_baselines(path: Path) -> dict[str, Any]:
+    """A baselines file, refused unless it carries our format and version."""
     try:
         document = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not a JSON document ({error})") from error
-    if not isinstance(document, dict) or document.get("format") != file_format:
-        raise ValueError(f"{path}: not an {file_format} file")
-    if document.get("version") != version:
-        raise ValueError(f"{path}: {file_format} format version {document.get('version')}; this ann2snn reads "
-                         f"version {version}")
+    if not isinstance(document, dict) or document.get("format") != BASELINES_FORMAT:
+        raise ValueError(f"{path}: not an {BASELINES_FORMAT} file")
+    if document.get("version") != BASELINES_VERSION:
+        raise ValueError(f"{path}: {BASELINES_FORMAT} format version {document.get('version')}; this ann2snn reads "
+                         f"version {BASELINES_VERSION}")
     return document
-
-
-def load_baselines(path: Path) -> dict[str, Any]:
-    return read_versioned(path, BASELINES_FORMAT, BASELINES_VERSION)
 
 
 def write_baselines(document: dict[str, Any], path: Path) -> None:
