@@ -19,6 +19,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from ann2snn.distributed import reduce_over_processes, require_on_every_process, world_size
+from ann2snn.evaluation.statistics import INTERVAL_METHOD, accuracy_interval
 from ann2snn.evaluation.synops import E_AC_PJ, E_MAC_PJ, ENERGY_REFERENCE, SynapticOperationCounter
 from ann2snn.io.batches import (
     batch_input,
@@ -89,6 +90,10 @@ class EvaluationReport:
             "images": self.images,
             "T_list": list(self.T_list),
             "accuracy": {"ann": self.accuracy_ann, "qann": self.accuracy_qann, "snn": _by_T(self.accuracy_snn)},
+            "accuracy_ci95": {
+                "method": INTERVAL_METHOD, "ann": accuracy_interval(self.accuracy_ann, self.images),
+                "qann": accuracy_interval(self.accuracy_qann, self.images),
+                "snn": _by_T({T: accuracy_interval(value, self.images) for T, value in self.accuracy_snn.items()})},
             "agreement_snn_qann": _by_T(self.agreement_snn_qann) if self.agreement_snn_qann is not None else None,
             "spikes": {
                 "T": max(self.T_list),

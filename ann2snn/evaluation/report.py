@@ -38,6 +38,21 @@ def _percent(fraction: float | None, digits: int = 2) -> str:
     return "–" if fraction is None else f"{100 * fraction:.{digits}f} %"
 
 
+def _interval(bounds: Sequence[float] | None) -> str:
+    """[0.829, 0.873] -> '(82.9–87.3)', in percent."""
+    return "" if bounds is None else f" ({100 * bounds[0]:.1f}–{100 * bounds[1]:.1f})"
+
+
+def _accuracy(document: Document, network: str, T: str | None = None) -> str:
+    """An accuracy with its 95 % confidence interval: '85.20 % (82.9–87.3)' (reports written before the
+    intervals were recorded show the accuracy alone)."""
+    accuracy = document["accuracy"][network]
+    interval = document.get("accuracy_ci95", {}).get(network)
+    if T is not None:
+        accuracy, interval = accuracy[T], (interval or {}).get(T)
+    return _percent(accuracy) + ("" if accuracy is None else _interval(interval))
+
+
 def _energy(microjoules: float | None) -> str:
     return "–" if microjoules is None else f"{microjoules:.2f} µJ"
 
@@ -48,18 +63,18 @@ def _T_values(document: Document) -> list[int]:
 
 def _network_rows(document: Document) -> tuple[list[str], list[list[str]]]:
     """One row per network (ANN, QANN, SNN at each T): accuracy, operations and energy per image."""
-    accuracy, energy = document["accuracy"], document["energy"]
+    energy = document["energy"]
     agreement = document.get("agreement_snn_qann") or {}
     ratios = energy.get("ann_over_snn") or {}
-    header = ["Network", "T", "Top-1", "Agrees with QANN", "Spikes/img", "MACs/img", "ACs (synops)/img",
+    header = ["Network", "T", "Top-1 (95 % CI)", "Agrees with QANN", "Spikes/img", "MACs/img", "ACs (synops)/img",
               "Energy/img", "ANN/SNN energy"]
-    rows = [["ANN", "–", _percent(accuracy["ann"]), "–", "–", si_prefixed(document["ann_macs_per_image"]), "–",
+    rows = [["ANN", "–", _accuracy(document, "ann"), "–", "–", si_prefixed(document["ann_macs_per_image"]), "–",
              _energy(energy["ann_uj_per_image"]), "1.00" if energy["ann_uj_per_image"] else "–"],
-            ["QANN", "–", _percent(accuracy["qann"]), "–", "–", "–", "–", "–", "–"]]
+            ["QANN", "–", _accuracy(document, "qann"), "–", "–", "–", "–", "–", "–"]]
     for T in _T_values(document):
         key = str(T)
         ratio = ratios.get(key)
-        rows.append(["SNN", key, _percent(accuracy["snn"][key]), _percent(agreement.get(key)),
+        rows.append(["SNN", key, _accuracy(document, "snn", key), _percent(agreement.get(key)),
                      si_prefixed(document["spikes"]["per_image"][key]),
                      si_prefixed(document["snn_macs_per_image"][key]),
                      si_prefixed(document["synops_per_image"][key]), _energy(energy["snn_uj_per_image"][key]),
@@ -86,23 +101,43 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in [header, *rows])
 
 
+def bits_text(qbits: int | dict[str, int] | None) -> str:
+    """A configuration's qbits in words: 4 -> '4-bit'; per-layer bits -> '2–8-bit (per layer)'."""
+    if qbits is None:
+        return "?-bit"
+    if isinstance(qbits, dict):
+        low, high = min(qbits.values()), max(qbits.values())
+        return f"{low}-bit (per layer)" if low == high else f"{low}–{high}-bit (per layer)"
+    return f"{qbits}-bit"
+
+
+def network_text(config: dict[str, Any]) -> str:
+    """'signed neurons, 4-bit': what a figure's title must say to be read on its own."""
+    return f"{config.get('neuron', '?')} neurons, {bits_text(config.get('qbits'))}"
+
+
 def _title(document: Document) -> str:
     config = document["config"]
     model = document.get("model", {}).get("arch", "model")
-    return (f"{model} → SNN: {config.get('neuron', '?')} neurons, {config.get('qbits', '?')}-bit QANN, "
-            f"{config.get('coding', '?')} coding, threshold rule {config.get('threshold_rule', '?')}")
+    return (f"{model} → SNN: {network_text(config)} QANN, {config.get('coding', '?')} coding, threshold rule "
+            f"{config.get('threshold_rule', '?')}")
 
 
 def _memory(timing: dict[str, Any]) -> str:
-    """Peak memory, the limit it was planned against and the time steps simulated per chunk (reports
-    written before these were recorded say so)."""
+    """What the memory limit bounds, the simulation's planned working set (chunks of time steps), apart from the
+    whole run's measured peak (model, data and interpreter included), so that a peak above the limit cannot read
+    as a limit broken. Reports written before these were recorded say so."""
+    parts = []
+    limit, chunk = timing.get("memory_limit_mb"), timing.get("chunk_size")
+    chunks = "" if chunk is None else f"chunks of {chunk} time step{'s' * (chunk != 1)}"
+    if limit is not None:
+        parts.append(f"simulation working set planned within {limit:.0f} MiB" + (f" ({chunks})" if chunks else ""))
+    elif chunks:
+        parts.append(f"simulated in {chunks}")
     peak = timing.get("peak_memory_mb")
-    parts = ["peak not measured" if peak is None else f"peak {peak:.0f} MiB ({timing['peak_memory_measure']})"]
-    if timing.get("memory_limit_mb") is not None:
-        parts.append(f"limit {timing['memory_limit_mb']:.0f} MiB")
-    if timing.get("chunk_size") is not None:
-        parts.append(f"{timing['chunk_size']} time steps per simulated chunk")
-    return ", ".join(parts)
+    parts.append("whole-run peak not measured" if peak is None
+                 else f"whole-run peak {peak:.0f} MiB ({timing['peak_memory_measure']})")
+    return "; ".join(parts)
 
 
 def save_figure(figure: Figure, path: str | Path) -> Path:
@@ -119,6 +154,13 @@ def _data_lines(document: Document) -> list[str]:
                   if entry["images"] < entry["available"] else "")
         lines.append(f"{role.capitalize()} data: `{entry['spec']}`, {entry['images']} images{subset}.")
     return lines
+
+
+def _interval_note(document: Document) -> str:
+    if "accuracy_ci95" not in document:
+        return ""
+    return (f"Top-1 in brackets: the {document['accuracy_ci95']['method']} of the accuracy on {document['images']} "
+            "images, in percent.")
 
 
 def _quiet_line(document: Document) -> str:
@@ -146,6 +188,7 @@ def markdown(document: Document) -> str:
             _quiet_line(document),
         ] if line),
         "## Accuracy, operations and energy per image\n\n" + _markdown_table(network_header, network_rows),
+        _interval_note(document),
         f"Energy constants: {energy['reference']}. {energy['method']} First-layer MACs on the analog input "
         "are counted once per time step for rate coding and once per image for accumulate coding.",
         f"## Spikes per layer at T = {document['spikes']['T']}\n\n" + _markdown_table(layers_header, layer_rows),
@@ -160,7 +203,7 @@ def markdown(document: Document) -> str:
             ["Setting", "Value"], [[key, f"`{value}`"] for key, value in document["config"].items()]),
         f"![Accuracy against time steps]({ACCURACY_PLOT})\n\n![Spikes per layer]({SPIKES_PLOT})",
     ]
-    return "\n\n".join(sections) + "\n"
+    return "\n\n".join(section for section in sections if section) + "\n"
 
 
 def summary(document: Document) -> str:
@@ -186,28 +229,49 @@ def summary(document: Document) -> str:
     return "\n".join(lines)
 
 
-def plot_accuracy_vs_T(document: Document, path: str | Path) -> Path:
-    """SNN top-1 accuracy against T, with the ANN and QANN accuracies as reference lines."""
+def accuracy_figure(document: Document) -> Figure:
+    """SNN top-1 accuracy against T with its 95 % intervals as error bars, and the ANN and QANN accuracies as
+    reference lines with their intervals as bands. The two lines differ in width as well as style and are
+    labelled with their values on opposite sides, so that equal accuracies show as two lines, not one."""
     T_values = _T_values(document)
     accuracy = document["accuracy"]
+    intervals = document.get("accuracy_ci95", {})
     figure = Figure(figsize=(5.0, 3.6), layout="constrained")
     axes = figure.add_subplot()
-    axes.plot(T_values, [100 * accuracy["snn"][str(T)] for T in T_values], marker="o", color="tab:blue",
-              label="SNN")
-    for name, style, color in (("ann", "--", "tab:gray"), ("qann", ":", "tab:orange")):
-        if accuracy[name] is not None:
-            axes.axhline(100 * accuracy[name], linestyle=style, color=color,
-                         label=f"{name.upper()} ({100 * accuracy[name]:.1f} %)")
+    snn = [100 * accuracy["snn"][str(T)] for T in T_values]
+    snn_intervals = [(intervals.get("snn") or {}).get(str(T)) for T in T_values]
+    below = [0.0 if bounds is None else value - 100 * bounds[0] for value, bounds in zip(snn, snn_intervals)]
+    above = [0.0 if bounds is None else 100 * bounds[1] - value for value, bounds in zip(snn, snn_intervals)]
+    axes.errorbar(T_values, snn, yerr=[below, above], marker="o", color="tab:blue", capsize=3, zorder=3,
+                  label="SNN" + (" (bars: 95 % CI)" if intervals else ""))
+    references = (("ann", dict(linestyle="--", linewidth=2.6, color="tab:gray", zorder=2), "bottom"),
+                  ("qann", dict(linestyle=":", linewidth=1.4, color="tab:orange", zorder=2.5), "top"))
+    for name, style, side in references:
+        if accuracy[name] is None:
+            continue
+        value, bounds = 100 * accuracy[name], intervals.get(name)
+        label = f"{name.upper()} {value:.1f} %" + (f" ({100 * bounds[0]:.1f}–{100 * bounds[1]:.1f})" if bounds else "")
+        axes.axhline(value, label=label, **style)
+        if bounds:
+            axes.axhspan(100 * bounds[0], 100 * bounds[1], color=style["color"], alpha=0.08, linewidth=0, zorder=1)
+        axes.annotate(f"{name.upper()} {value:.1f} %", (0.0, value), xycoords=("axes fraction", "data"),
+                      xytext=(3, 2 if side == "bottom" else -2), textcoords="offset points", ha="left", va=side,
+                      fontsize=7, color=style["color"])
     axes.set_xscale("log", base=2)
     axes.set_xticks(T_values, [str(T) for T in T_values])
     axes.minorticks_off()
     axes.set_xlabel("Time steps T")
     axes.set_ylabel("Top-1 accuracy (%)")
-    axes.set_title(f"{document.get('model', {}).get('arch', 'SNN')}: accuracy vs. time steps "
-                   f"({document['images']} images)", fontsize=10)
+    axes.set_title(f"{document.get('model', {}).get('arch', 'SNN')}: {network_text(document['config'])}, "
+                   f"{document['config'].get('coding', '?')} coding\naccuracy vs. time steps "
+                   f"({document['images']} images{'; 95 % Wilson intervals' if intervals else ''})", fontsize=9)
     axes.grid(True, alpha=0.3)
-    axes.legend(loc="lower right", fontsize=8)
-    return save_figure(figure, path)
+    axes.legend(loc="best", fontsize=7)
+    return figure
+
+
+def plot_accuracy_vs_T(document: Document, path: str | Path) -> Path:
+    return save_figure(accuracy_figure(document), path)
 
 
 def plot_spikes_per_layer(document: Document, path: str | Path) -> Path:
@@ -219,8 +283,9 @@ def plot_spikes_per_layer(document: Document, path: str | Path) -> Path:
     spikes_axes, rate_axes = figure.subplots(2, 1, sharex=True)
     spikes_axes.bar(positions, [layer["spikes_per_image"] for layer in layers], color="tab:blue")
     spikes_axes.set_ylabel("Spikes per image")
-    spikes_axes.set_title(f"Spiking activity per layer at T = {document['spikes']['T']} "
-                          f"({document['images']} images)", fontsize=10)
+    spikes_axes.set_title(f"{document.get('model', {}).get('arch', 'SNN')}, {network_text(document['config'])}: "
+                          f"spiking activity per layer at T = {document['spikes']['T']} ({document['images']} images)",
+                          fontsize=9)
     rate_axes.bar(positions, [100 * layer["firing_rate"] for layer in layers], color="tab:green",
                   label="Firing rate (spikes per neuron per step)")
     rate_axes.plot(positions, [100 * layer["never_fired_fraction"] for layer in layers], "kx", linestyle="none",

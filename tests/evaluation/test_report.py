@@ -7,6 +7,7 @@ import matplotlib
 import numpy as np
 import pytest
 import torch
+from matplotlib.container import ErrorbarContainer
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -17,6 +18,7 @@ from ann2snn.evaluation.report import (
     REPORT_JSON,
     REPORT_MD,
     SPIKES_PLOT,
+    accuracy_figure,
     markdown,
     summary,
     write_report,
@@ -58,19 +60,71 @@ def test_write_report_files(tmp_path: Path) -> None:
 def test_markdown_tables() -> None:
     document = evaluated_document()
     text = markdown(document)
-    accuracy = document["accuracy"]
+    accuracy, intervals = document["accuracy"], document["accuracy_ci95"]
+
+    def cell(value: float, bounds: list[float]) -> str:
+        return f"{100 * value:.2f} % ({100 * bounds[0]:.1f}–{100 * bounds[1]:.1f})"
 
     assert text.startswith("# tiny_mlp → SNN: if neurons, 4-bit QANN, rate coding, threshold rule mse")
-    assert "| Network | T | Top-1 | Agrees with QANN |" in text
-    assert f"| ANN | – | {100 * accuracy['ann']:.2f} % |" in text
-    assert f"| QANN | – | {100 * accuracy['qann']:.2f} % |" in text
+    assert "| Network | T | Top-1 (95 % CI) | Agrees with QANN |" in text
+    assert f"| ANN | – | {cell(accuracy['ann'], intervals['ann'])} |" in text
+    assert f"| QANN | – | {cell(accuracy['qann'], intervals['qann'])} |" in text
     for T in ("2", "4", "8"):
-        assert f"| SNN | {T} | {100 * accuracy['snn'][T]:.2f} % |" in text
+        assert f"| SNN | {T} | {cell(accuracy['snn'][T], intervals['snn'][T])} |" in text
+    assert "Top-1 in brackets: the Wilson score interval, 95 % of the accuracy on 32 images" in text
     for layer in document["spikes"]["per_layer"]:
         assert f"| {layer['name']} | {layer['neurons']} |" in text
     assert "E_MAC = 4.6 pJ, E_AC = 0.9 pJ" in text
     assert "32 images of 64, a stratified subset drawn with seed 0" in text
     assert f"]({ACCURACY_PLOT})" in text and f"]({SPIKES_PLOT})" in text
+
+
+def test_every_accuracy_carries_its_wilson_interval() -> None:
+    # the labels are the ANN's own predictions: 32 of 32 correct, whose interval is [n / (n + z^2), 1]
+    document = evaluated_document()
+    assert document["accuracy"]["ann"] == 1.0
+    assert document["accuracy_ci95"]["ann"] == pytest.approx([32 / (32 + 1.959964 ** 2), 1.0], abs=1e-6)
+    assert set(document["accuracy_ci95"]["snn"]) == set(document["accuracy"]["snn"]) == {"2", "4", "8"}
+    for T, bounds in document["accuracy_ci95"]["snn"].items():
+        assert bounds[0] <= document["accuracy"]["snn"][T] <= bounds[1]
+    assert "| ANN | – | 100.00 % (89.3–100.0) |" in markdown(document)
+    summary_rows = [line.split()[:5] for line in summary(document).splitlines()]
+    assert ["ANN", "–", "100.00", "%", "(89.3–100.0)"] in summary_rows
+
+
+def test_memory_line_tells_the_planned_working_set_from_the_measured_peak() -> None:
+    # reported as "Memory: peak 783 MiB ..., limit 30 MiB", which reads as a limit broken
+    document = evaluated_document()
+    document["timing"].update(peak_memory_mb=783.2, peak_memory_measure="peak resident memory of the process",
+                              memory_limit_mb=30.0, chunk_size=4)
+    line = "Memory: simulation working set planned within 30 MiB (chunks of 4 time steps); whole-run peak 783 MiB " \
+           "(peak resident memory of the process)"
+    assert line in summary(document).splitlines()
+    assert line + "." in markdown(document)
+
+
+def test_accuracy_figure_has_error_bars_and_two_visible_reference_lines() -> None:
+    # reported: no error bars, and equal ANN and QANN lines drawn over each other; the title named neither the
+    # neuron kind nor the bits
+    document = evaluated_document()
+    document["accuracy"]["qann"] = document["accuracy"]["ann"]
+    document["accuracy_ci95"]["qann"] = document["accuracy_ci95"]["ann"]
+    axes = accuracy_figure(document).axes[0]
+
+    error_bars = [container for container in axes.containers if isinstance(container, ErrorbarContainer)]
+    assert len(error_bars) == 1 and error_bars[0].has_yerr
+    segments = error_bars[0].lines[2][0].get_segments()
+    for segment, T in zip(segments, ("2", "4", "8")):
+        assert [y for _, y in segment] == pytest.approx([100 * bound for bound in document["accuracy_ci95"]["snn"][T]])
+    lines = {line.get_label().split()[0]: line for line in axes.get_lines() if line.get_label()[:1] in "AQ"}
+    ann, qann = lines["ANN"], lines["QANN"]
+    assert ann.get_ydata()[0] == qann.get_ydata()[0]
+    assert ann.get_linestyle() != qann.get_linestyle() and ann.get_linewidth() > qann.get_linewidth() + 0.5
+    assert ann.get_zorder() < qann.get_zorder(), "the thinner line must be drawn on top of the wider one"
+    assert ann.get_label() == "ANN 100.0 % (89.3–100.0)" and qann.get_label() == "QANN 100.0 % (89.3–100.0)"
+    labels = [text.get_text() for text in axes.texts]
+    assert "ANN 100.0 %" in labels and "QANN 100.0 %" in labels
+    assert "if neurons, 4-bit" in axes.get_title() and "rate coding" in axes.get_title()
 
 
 def test_summary_fits_one_screen() -> None:
