@@ -24,16 +24,13 @@ the file cannot grant it.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import os
-import platform
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ann2snn.config import SimulationConfig
+from ann2snn.evaluation.provenance import software_versions, utc_now
 from ann2snn.evaluation.regression import Comparison, Tolerance, compare, load_baselines, measurement
 from ann2snn.io.data import fingerprint, open_dataset, shared_dir
 from ann2snn.io.model_loading import load_model
@@ -46,12 +43,6 @@ _NAMED_SPECS = ("mnist5k",)
 
 class BaselineError(ValueError):
     """A baselines file cannot be used as it is (other data, an unknown entry, a clash)."""
-
-
-def versions() -> dict[str, str]:
-    from ann2snn import __version__
-
-    return {"ann2snn": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
 
 def portable_path(path: str | Path, base: Path) -> str:
@@ -147,8 +138,8 @@ def new_entry(checkpoint: Path, base: Path, *, load: Mapping[str, Any], conversi
 
 def with_measurement(entry: Mapping[str, Any], report: Mapping[str, Any]) -> dict[str, Any]:
     """The entry with `report`'s values as its baseline."""
-    return {**entry, "baseline": measurement(dict(report)), "config": report["config"], "versions": versions(),
-            "recorded": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    return {**entry, "baseline": measurement(dict(report)), "config": report["config"], "versions": software_versions(),
+            "recorded": utc_now()}
 
 
 def entries(document: Mapping[str, Any], only: Iterable[str] | None) -> list[str]:

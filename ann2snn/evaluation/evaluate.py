@@ -19,6 +19,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from ann2snn.distributed import reduce_over_processes, require_on_every_process, world_size
+from ann2snn.evaluation.provenance import provenance
 from ann2snn.evaluation.statistics import INTERVAL_METHOD, accuracy_interval
 from ann2snn.evaluation.synops import E_AC_PJ, E_MAC_PJ, ENERGY_REFERENCE, SynapticOperationCounter
 from ann2snn.io.batches import (
@@ -69,6 +70,8 @@ class EvaluationReport:
     timing: dict[str, Any]
     # with stop_when_quiet: the steps simulated until each image's output was final, mean and max over images
     quiet_steps: dict[str, float] | None = None
+    # the software, machine, command line and date of the measurement (`ann2snn.evaluation.provenance`)
+    provenance: dict[str, Any] | None = None
 
     @property
     def ann_energy_uj(self) -> float | None:
@@ -117,6 +120,7 @@ class EvaluationReport:
             "quiet_steps": dict(self.quiet_steps) if self.quiet_steps is not None else None,
             "config": dict(self.config),
             "timing": dict(self.timing),
+            "provenance": dict(self.provenance) if self.provenance is not None else None,
         }
 
 
@@ -299,6 +303,7 @@ def evaluate(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] |
     firing.fired, wall_seconds, snn_seconds, quiet_steps_max = reduce_over_processes(
         (firing.fired, wall_seconds, snn_seconds, quiet_steps_max), "max")
     peak_bytes = reduce_over_processes(peak_memory.bytes, "max")
+    device_text = device_name(device)
     layers = [
         LayerActivity(
             name=name,
@@ -333,7 +338,7 @@ def evaluate(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] |
             "images_per_s": images / wall_seconds,
             "snn_s": snn_seconds,
             "snn_images_per_s": images / snn_seconds,
-            "device": device_name(device),
+            "device": device_text,
             "processes": world_size(),
             "peak_memory_mb": peak_bytes / MEBIBYTE if peak_bytes is not None else None,
             "peak_memory_measure": peak_memory.measure,
@@ -342,4 +347,5 @@ def evaluate(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] |
         },
         quiet_steps={"mean": quiet_steps_sum / images, "max": quiet_steps_max, "of": T_max} if stop_when_quiet
         else None,
+        provenance=provenance(device_text),
     )

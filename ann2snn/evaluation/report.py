@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,20 @@ def _quiet_line(document: Document) -> str:
             f"{quiet['of']}); the output is final once no neuron fires.")
 
 
+def _provenance_section(document: Document) -> str:
+    """Versions, machine, command line and date; empty for reports written before they were recorded."""
+    origin = document.get("provenance")
+    if not origin:
+        return ""
+    commit = f" (commit {origin['commit']})" if origin.get("commit") else ""
+    rows = [["ann2snn", f"{origin['ann2snn'] or 'version unknown'}{commit}"],
+            ["torch", origin["torch"]], ["torchvision", origin["torchvision"]], ["Python", origin["python"]],
+            ["platform", origin["platform"]], ["device", origin["device"]],
+            ["command", f"`{shlex.join(origin['command'])}`"],
+            ["working directory", f"`{origin['working_directory']}`"], ["date (UTC)", origin["date"]]]
+    return "## Provenance\n\n" + _markdown_table(["Recorded", "Value"], rows)
+
+
 def markdown(document: Document) -> str:
     """report.md: the report as readable tables."""
     energy, timing = document["energy"], document["timing"]
@@ -201,6 +216,7 @@ def markdown(document: Document) -> str:
         f"Memory: {_memory(timing)}.",
         "## Configuration\n\n" + _markdown_table(
             ["Setting", "Value"], [[key, f"`{value}`"] for key, value in document["config"].items()]),
+        _provenance_section(document),
         f"![Accuracy against time steps]({ACCURACY_PLOT})\n\n![Spikes per layer]({SPIKES_PLOT})",
     ]
     return "\n\n".join(section for section in sections if section) + "\n"
