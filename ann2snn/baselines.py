@@ -25,20 +25,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from ann2snn.config import SimulationConfig
 from ann2snn.evaluation.provenance import software_versions, utc_now
 from ann2snn.evaluation.regression import Comparison, Tolerance, compare, load_baselines, measurement
-from ann2snn.io.data import fingerprint, open_dataset, shared_dir
+from ann2snn.io.data import fingerprint, map_spec_path, open_dataset, shared_dir
 from ann2snn.io.model_loading import load_model
 from ann2snn.workflow import Execution, Pruning, convert_checkpoint, default_T_list
 
 SHARED_PREFIX = "<shared>/"
-_PREFIXED_SPECS = ("cifar10:", "cifar10-train:")
-_NAMED_SPECS = ("mnist5k",)
 
 
 class BaselineError(ValueError):
@@ -61,20 +59,12 @@ def resolve_path(stored: str, base: Path) -> Path:
     return base / stored
 
 
-def _map_spec_path(spec: str, change: Callable[[str], str]) -> str:
-    """A DATA spec with the path in it changed (`cifar10:<dir>` keeps its prefix; `mnist5k` has no path)."""
-    if spec in _NAMED_SPECS:
-        return spec
-    prefix = next((prefix for prefix in _PREFIXED_SPECS if spec.startswith(prefix)), "")
-    return prefix + change(spec.removeprefix(prefix))
-
-
 def _portable_spec(spec: str, base: Path) -> str:
-    return _map_spec_path(spec, lambda path: portable_path(path, base))
+    return map_spec_path(spec, lambda path: portable_path(path, base))
 
 
 def _resolved_spec(stored: str, base: Path) -> str:
-    return _map_spec_path(stored, lambda path: str(resolve_path(path, base)))
+    return map_spec_path(stored, lambda path: str(resolve_path(path, base)))
 
 
 def data_record(spec: str, base: Path) -> dict[str, Any]:
@@ -113,7 +103,7 @@ def measure(entry: Mapping[str, Any], data: Mapping[str, str], base: Path, *, tr
     execution = dataclasses.replace(execution, seed=options.pop("seed", 0),
                                     batch_size=options.pop("batch_size", Execution.batch_size),
                                     stop_when_quiet=options.pop("stop_when_quiet", False))
-    conversion = convert_checkpoint(loaded, source=entry["checkpoint"], calib=data["calibration"],
+    conversion = convert_checkpoint(loaded, source=resolve_path(entry["checkpoint"], base), calib=data["calibration"],
                                     eval=data["evaluation"], T_list=entry["T_list"], pruning=pruning,
                                     execution=execution, **options, **entry["conversion"])
     return conversion.report

@@ -36,7 +36,7 @@ from ann2snn.evaluation.report import write_report
 from ann2snn.interop.onnx import write_onnx_files
 from ann2snn.io import saved_network
 from ann2snn.io.batches import check_model_accepts, device_of
-from ann2snn.io.data import known_labels, make_loader, open_dataset, stratified_subset
+from ann2snn.io.data import absolute_spec, known_labels, make_loader, open_dataset, stratified_subset
 from ann2snn.io.model_loading import LoadedModel, Preprocessing, load_model
 from ann2snn.runtime.coding import Coding
 from ann2snn.runtime.memory import default_memory_limit
@@ -104,7 +104,7 @@ def open_data(spec: str, preprocessing: Preprocessing, size: int | None = None, 
     available = len(dataset)
     if size is not None and size < available:
         dataset = stratified_subset(dataset, size, seed)
-    return dataset, {"spec": spec, "images": len(dataset), "available": available, "seed": seed}
+    return dataset, {"spec": absolute_spec(spec), "images": len(dataset), "available": available, "seed": seed}
 
 
 def check_model_input(model: nn.Module, dataset: Dataset, device: torch.device | str, labelled: bool = False) -> None:
@@ -118,10 +118,12 @@ def check_model_input(model: nn.Module, dataset: Dataset, device: torch.device |
                          f"{outputs.shape[-1]} outputs; check the data, or the model's --num-classes")
 
 
-def model_entry(checkpoint: str | Path, loaded: LoadedModel) -> dict[str, Any]:
-    """The report's record of the model converted."""
-    return {"checkpoint": str(checkpoint), "arch": loaded.arch, "arch_kwargs": loaded.arch_kwargs,
-            "arch_source": loaded.arch_source, "preprocessing": loaded.preprocessing.to_dict()}
+def model_entry(checkpoint: str | Path | None, loaded: LoadedModel) -> dict[str, Any]:
+    """The report's record of the model converted: the checkpoint's absolute path (None: not named), like every
+    path a report records, so that it names the file read wherever the report is read."""
+    return {"checkpoint": str(Path(checkpoint).resolve()) if checkpoint is not None else None, "arch": loaded.arch,
+            "arch_kwargs": loaded.arch_kwargs, "arch_source": loaded.arch_source,
+            "preprocessing": loaded.preprocessing.to_dict()}
 
 
 def checkpoint_config(loaded: LoadedModel, config: ConversionConfig | None = None,
@@ -235,7 +237,7 @@ def convert_checkpoint(checkpoint: str | Path | LoadedModel, config: ConversionC
     convert` does before writing (`write_conversion`). `config` and keyword `settings` as in
     `checkpoint_config`; data specs as in `ann2snn.io.data.open_dataset`."""
     if isinstance(checkpoint, LoadedModel):
-        loaded, source = checkpoint, source or "?"
+        loaded = checkpoint
     else:
         loaded, source = load_model(checkpoint), checkpoint
     config = checkpoint_config(loaded, config, **settings)

@@ -29,7 +29,7 @@ from tests.helpers import digits_args, digits_checkpoint, run_cli
 PREPROCESSING = {"mean": [0.13], "std": [0.31], "image_size": [1, 28, 28]}
 DATA = {"calib": "mnist5k", "calib_size": 40}
 FAST = Execution(seed=3, progress=False)
-TIMINGS = ("timing",)
+TIMINGS = ("timing", "provenance")  # what differs between two runs of one measurement: when and how long
 
 
 def without_timings(document: dict) -> dict:

@@ -148,6 +148,10 @@ def save_figure(figure: Figure, path: str | Path) -> Path:
     return Path(path)
 
 
+def _code(path: str | None) -> str:
+    return "not named" if path is None else f"`{path}`"
+
+
 def _data_lines(document: Document) -> list[str]:
     lines = []
     for role, entry in document.get("data", {}).items():
@@ -196,7 +200,7 @@ def markdown(document: Document) -> str:
     sections = [
         f"# {_title(document)}",
         "\n\n".join(line for line in [
-            f"Checkpoint: `{model['checkpoint']}` (architecture {model['arch']}, from the {model['arch_source']})"
+            f"Checkpoint: {_code(model['checkpoint'])} (architecture {model['arch']}, from the {model['arch_source']})"
             if model else "",
             *_data_lines(document),
             f"{document['images']} evaluation images; one simulation per batch up to T = {max(_T_values(document))}.",

@@ -20,10 +20,12 @@ __all__ = [
     "SHARED_ENV_VAR",
     "ListFileDataset",
     "MNIST5k",
+    "absolute_spec",
     "cifar10_transform",
     "fingerprint",
     "known_labels",
     "make_loader",
+    "map_spec_path",
     "mnist5k",
     "open_dataset",
     "shared_dir",
@@ -261,6 +263,25 @@ def open_dataset(spec: str, *, transform: Transform | None = None) -> Dataset[An
     if path.suffix == ".txt":
         return ListFileDataset(path, transform=transform)
     raise ValueError(f"data set {path} is neither a directory nor a .txt list; DATA must be {_ACCEPTED_FORMS}")
+
+
+# DATA specs that name a directory after a prefix, and those that name no path at all
+_PREFIXED_SPECS = ("cifar10:", "cifar10-train:")
+_NAMED_SPECS = ("mnist5k",)
+
+
+def map_spec_path(spec: str, change: Callable[[str], str]) -> str:
+    """A DATA spec with the path in it changed (`cifar10:<dir>` keeps its prefix; `mnist5k` has no path)."""
+    if spec in _NAMED_SPECS:
+        return spec
+    prefix = next((prefix for prefix in _PREFIXED_SPECS if spec.startswith(prefix)), "")
+    return prefix + change(spec.removeprefix(prefix))
+
+
+def absolute_spec(spec: str) -> str:
+    """A DATA spec with its path absolute and resolved: what a report records, naming the files it read whatever
+    directory it was run in and wherever the report is read."""
+    return map_spec_path(spec, lambda path: str(Path(path).resolve()))
 
 
 def make_loader(

@@ -1,5 +1,5 @@
 """Reports record where they come from: ann2snn's version and commit, torch, torchvision, Python, the platform and
-device, the command line and the date."""
+device, the command line and the date; and every path in them is absolute."""
 from __future__ import annotations
 
 import datetime
@@ -12,12 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import ann2snn
 from ann2snn.evaluation import provenance
 from ann2snn.evaluation.report import markdown
+from ann2snn.io.data import absolute_spec
+from ann2snn.io.model_loading import Preprocessing
+from ann2snn.workflow import open_data
 from tests.helpers import digits_args, digits_checkpoint, run_cli
 
 
@@ -78,7 +82,9 @@ def test_dirty_checkout_and_installed_copy(tmp_path: Path, monkeypatch: pytest.M
     assert provenance.source_commit() is None
 
 
-def test_command_line_run_records_its_argv(capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_command_line_run_records_its_argv_and_absolute_paths(capsys, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # reported: report.json gave the checkpoint as typed (relative), the default data as an absolute path
     checkpoint = digits_checkpoint(tmp_path)
     monkeypatch.chdir(tmp_path)
     argv = ["ann2snn", *digits_args(Path(checkpoint.name), "--out", "run")]
@@ -88,3 +94,20 @@ def test_command_line_run_records_its_argv(capsys, tmp_path: Path, monkeypatch: 
     document = json.loads((tmp_path / "run" / "report.json").read_text())
     assert document["provenance"]["command"] == argv
     assert document["provenance"]["working_directory"] == str(tmp_path.resolve())
+    assert document["model"]["checkpoint"] == str(checkpoint.resolve())
+    assert (tmp_path / "run" / "report.md").read_text().count(f"Checkpoint: `{checkpoint.resolve()}`") == 1
+
+
+def test_data_specs_are_recorded_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "list.txt").write_text("")
+    monkeypatch.chdir(tmp_path / "data")
+    assert absolute_spec("list.txt") == str(tmp_path.resolve() / "data" / "list.txt")
+    assert absolute_spec("cifar10:../data") == f"cifar10:{tmp_path.resolve() / 'data'}"
+    assert absolute_spec("cifar10-train:.") == f"cifar10-train:{tmp_path.resolve() / 'data'}"
+    assert absolute_spec("mnist5k") == "mnist5k"
+    for label in ("cat", "dog"):
+        (tmp_path / "data" / "images" / label).mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(tmp_path / "data" / "images" / label / "0.png")
+    _, entry = open_data("images", Preprocessing())
+    assert entry["spec"] == str(tmp_path.resolve() / "data" / "images") and entry["images"] == 2
