@@ -35,9 +35,10 @@ from tqdm import tqdm
 from ann2snn.compiler.qbits import quantizer_bits
 from ann2snn.compiler.quantizer import ClippedReLU, QCFSQuantizer
 from ann2snn.distributed import reduce_over_processes, require_on_every_process
-from ann2snn.evaluation.report import save_figure, text_table
+from ann2snn.evaluation.report import network_text, save_figure, text_table
 from ann2snn.io.atomic import atomic_write
 from ann2snn.io.batches import device_of, model_inputs
+from ann2snn.runtime.coding import coding
 from ann2snn.runtime.network import SpikingNetwork, check_steps
 from ann2snn.runtime.neuron_kinds import neuron_kind
 
@@ -267,6 +268,29 @@ def analyze(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] | 
                     layers=layers)
 
 
+@dataclass(frozen=True)
+class SpikingReference:
+    """What a coding's SNN activation approaches, and so what its spiking error is measured against:
+    accumulate-coded (signed) neurons settle on the QANN's levels q, rate-coded ones approach the clipped ANN
+    activation c as T grows, whatever the QANN's bits."""
+
+    error: str  # the LayerAnalysis attribute holding |reference - s_T| / |a|
+    symbol: str
+    name: str
+    # whether the QANN's rounding lies on the way from the ANN activation to the SNN's
+    quantized: bool
+
+
+def spiking_reference(analysis: Analysis) -> SpikingReference:
+    if coding(analysis.config["coding"]).settles:
+        return SpikingReference("snn_error", "q", "QANN", quantized=True)
+    return SpikingReference("clipped_error", "c", "clipped ANN", quantized=False)
+
+
+def _network(analysis: Analysis) -> str:
+    return f"{network_text(analysis.config)}, {analysis.config['coding']} coding"
+
+
 def _value(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
@@ -274,6 +298,7 @@ def _value(value: float | None, digits: int = 3) -> str:
 def analysis_summary(analysis: Analysis) -> str:
     """One row per layer: bits, threshold, the share of activations above it, and at every T the
     correlation of ANN and SNN activations and the relative errors by source."""
+    reference = spiking_reference(analysis)
     header = ["Layer", "Bits", "Theta", "Clipped", "Clip err", "Quant err"]
     for T in analysis.T_list:
         header += [f"r T={T}", f"SNN err T={T}", f"Total T={T}"]
@@ -282,10 +307,13 @@ def analysis_summary(analysis: Analysis) -> str:
         row = [layer.name, str(layer.bits), _value(layer.mean_threshold), f"{100 * layer.clipped_fraction:.2f} %",
                _value(layer.clipping_error), _value(layer.quantization_error)]
         for T in analysis.T_list:
-            row += [_value(layer.correlation[T]), _value(layer.snn_error[T]), _value(layer.total_error[T])]
+            row += [_value(layer.correlation[T]), _value(getattr(layer, reference.error)[T]),
+                    _value(layer.total_error[T])]
         rows.append(row)
-    return (f"{analysis.images} images; errors are L2 norms relative to the ANN activation's; r: correlation of the "
-            f"ANN activation and the SNN's decoded rate\n" + text_table(header, rows))
+    return (f"{_network(analysis)}, {analysis.images} images; errors are L2 norms relative to the ANN activation's\n"
+            f"SNN err: against the {reference.name} ({reference.symbol}), which {analysis.config['coding']}-coded "
+            f"neurons approach; r: correlation of the ANN activation and the SNN's decoded rate\n"
+            + text_table(header, rows))
 
 
 def plot_scatter(analysis: Analysis, path: str | Path) -> Path:
@@ -306,17 +334,23 @@ def plot_scatter(analysis: Analysis, path: str | Path) -> Path:
         axes.tick_params(labelsize=6)
     for axes in grid[len(layers):]:
         axes.set_visible(False)
+    figure.suptitle(f"{_network(analysis)}: ANN activation against the SNN's decoded one "
+                    f"({analysis.images} images)", fontsize=9)
     figure.supxlabel("ANN activation (red: mean threshold)", fontsize=9)
     figure.supylabel(f"SNN rate × spike value, T = {analysis.scatter_T}", fontsize=9)
     return save_figure(figure, path)
 
 
 def plot_error_vs_T(analysis: Analysis, path: str | Path) -> Path:
-    """Heat maps, layers × T: the SNN's error relative to the ANN activation, and against the QANN."""
+    """Heat maps, layers × T: the SNN's error relative to the ANN activation, and against what its coding
+    approaches (`spiking_reference`)."""
     names = [layer.name for layer in analysis.layers]
-    figure = Figure(figsize=(2.0 + 1.1 * len(analysis.T_list) * 2, 1.2 + 0.28 * len(names)), layout="constrained")
-    for axes, key, title in zip(figure.subplots(1, 2, sharey=True), ("total_error", "snn_error"),
-                                ("|a - s_T| / |a| (vs ANN)", "|q - s_T| / |a| (vs QANN)")):
+    reference = spiking_reference(analysis)
+    figure = Figure(figsize=(2.0 + 1.1 * len(analysis.T_list) * 2, 1.6 + 0.28 * len(names)), layout="constrained")
+    figure.suptitle(f"{_network(analysis)}: relative error at each T ({analysis.images} images)", fontsize=9)
+    for axes, key, title in zip(figure.subplots(1, 2, sharey=True), ("total_error", reference.error),
+                                ("|a - s_T| / |a| (vs ANN)",
+                                 f"|{reference.symbol} - s_T| / |a| (vs {reference.name})")):
         values = np.array([[np.nan if getattr(layer, key)[T] is None else getattr(layer, key)[T]
                             for T in analysis.T_list] for layer in analysis.layers])
         image = axes.imshow(values, aspect="auto", cmap="viridis")
@@ -331,27 +365,38 @@ def plot_error_vs_T(analysis: Analysis, path: str | Path) -> Path:
     return save_figure(figure, path)
 
 
-def plot_error_sources(analysis: Analysis, path: str | Path) -> Path:
-    """Per layer, the three sources of the error at scatter_T, relative to the ANN activation."""
+def error_sources_figure(analysis: Analysis) -> Figure:
+    """Per layer, the sources of the error at scatter_T, relative to the ANN activation: the clipping, then for
+    accumulate coding the quantization and the SNN's distance from the QANN, for rate coding the SNN's distance
+    from the clipped ANN (the QANN's rounding is no step on its way; see `spiking_reference`)."""
     layers, T = analysis.layers, analysis.scatter_T
+    reference = spiking_reference(analysis)
     positions = np.arange(len(layers))
-    figure = Figure(figsize=(max(6.0, 0.4 * len(layers) + 2.0), 4.0), layout="constrained")
+    figure = Figure(figsize=(max(7.0, 0.4 * len(layers) + 2.0), 4.2), layout="constrained")
     axes = figure.add_subplot()
-    sources = (("clipping", [layer.clipping_error for layer in layers], "tab:red"),
-               ("quantization", [layer.quantization_error for layer in layers], "tab:orange"),
-               (f"SNN (unevenness), T = {T}", [layer.snn_error[T] for layer in layers], "tab:blue"))
+    sources = [("clipping |a - c|", [layer.clipping_error for layer in layers], "tab:red")]
+    if reference.quantized:
+        sources.append(("quantization |c - q|", [layer.quantization_error for layer in layers], "tab:orange"))
+    sources.append((f"SNN vs {reference.name} |{reference.symbol} - s_T|, T = {T}",
+                    [getattr(layer, reference.error)[T] for layer in layers], "tab:blue"))
     width = 0.8 / len(sources)
     for index, (label, values, color) in enumerate(sources):
-        axes.bar(positions + (index - 1) * width, [0.0 if value is None else value for value in values], width,
-                 label=label, color=color)
+        axes.bar(positions + (index - (len(sources) - 1) / 2) * width,
+                 [0.0 if value is None else value for value in values], width, label=label, color=color)
     axes.plot(positions, [np.nan if layer.total_error[T] is None else layer.total_error[T] for layer in layers],
-              "kx", linestyle="none", label=f"total, T = {T}")
+              "kx", linestyle="none", label=f"total |a - s_T|, T = {T}")
     axes.set_xticks(positions, [layer.name for layer in layers], rotation=60, ha="right", fontsize=7)
     axes.set_ylabel("L2 error / L2 norm of the ANN activation")
-    axes.set_title(f"Where each layer's error comes from ({analysis.images} images)", fontsize=10)
+    axes.set_title(f"{_network(analysis)}: where each layer's error comes from ({analysis.images} images)\n"
+                   f"{analysis.config['coding']}-coded neurons approach the {reference.name} {reference.symbol}: "
+                   "SNN error measured against it", fontsize=9)
     axes.grid(True, axis="y", alpha=0.3)
     axes.legend(fontsize=8)
-    return save_figure(figure, path)
+    return figure
+
+
+def plot_error_sources(analysis: Analysis, path: str | Path) -> Path:
+    return save_figure(error_sources_figure(analysis), path)
 
 
 def write_analysis(analysis: Analysis, directory: str | Path) -> list[Path]:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import ann2snn
-from ann2snn.evaluation.analysis import ANALYSIS_JSON, analyze, write_analysis
+from ann2snn.evaluation.analysis import ANALYSIS_JSON, analysis_summary, analyze, error_sources_figure, write_analysis
 from ann2snn.runtime import network
 from tests.helpers import digits_args, digits_checkpoint, randomize_bn, run_cli
 from tests.networks import ResidualNet, cnn
@@ -71,6 +71,24 @@ def test_written_files(tmp_path: Path) -> None:
     document = json.loads((tmp_path / ANALYSIS_JSON).read_text())
     assert document["format"] == "ann2snn-analysis" and document["T_list"] == [4, 16]
     assert set(document["layers"][0]["snn_error"]) == {"4", "16"}
+
+
+@pytest.mark.parametrize("neuron, reference, error, quantization_bar", [
+    ("if", "clipped ANN |c - s_T|", "clipped_error", False),
+    ("signed", "QANN |q - s_T|", "snn_error", True),
+])
+def test_error_sources_measure_the_spiking_error_against_what_the_coding_approaches(
+        neuron: str, reference: str, error: str, quantization_bar: bool) -> None:
+    # reported: error_sources.png showed rate-coded neurons' error against the QANN, which they do not track
+    snn = ann2snn.convert(build(), batches(), qbits=3, T=16, neuron=neuron)
+    analysis = analyze(snn, batches(1), [16])
+    axes = error_sources_figure(analysis).axes[0]
+    bars = {container.get_label(): [bar.get_height() for bar in container] for container in axes.containers}
+    expected = [getattr(layer, error)[16] for layer in analysis.layers]
+    assert bars[f"SNN vs {reference}, T = 16"] == pytest.approx(expected)
+    assert ("quantization |c - q|" in bars) == quantization_bar
+    assert f"{neuron} neurons, 3-bit" in axes.get_title() and reference.split(" |")[0] in axes.get_title()
+    assert f"SNN err: against the {reference.split(' |')[0]}" in analysis_summary(analysis).splitlines()[1]
 
 
 def test_bad_arguments() -> None:
