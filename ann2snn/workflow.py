@@ -1,6 +1,7 @@
 """What the command line does, as library functions: the CLI parses, calls these and prints.
 
-    conversion = ann2snn.convert_checkpoint("models/resnet20-q4.pt", calib=CALIB, eval=TEST, neuron="signed", T=16)
+    conversion = ann2snn.convert_checkpoint("models/resnet20-q4.pt", calib=CALIB, eval=TEST, neuron="signed",
+                                            max_spikes_per_step=2, T=16)
     conversion.report["accuracy"]; ann2snn.write_conversion("resnet20-q4-snn", conversion)
 
 `convert_checkpoint` applies the checkpoint's policy as `ann2snn convert` does: a fine-tuned checkpoint's own
