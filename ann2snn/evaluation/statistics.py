@@ -9,7 +9,7 @@ import math
 from statistics import NormalDist
 
 CONFIDENCE = 0.95
-INTERVAL_METHOD = "Wilson score interval, 95 %"
+INTERVAL_METHOD = "95 % Wilson score interval"
 
 
 def wilson_interval(successes: int, trials: int, confidence: float = CONFIDENCE) -> tuple[float, float]:

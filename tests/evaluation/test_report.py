@@ -71,7 +71,7 @@ def test_markdown_tables() -> None:
     assert f"| QANN | – | {cell(accuracy['qann'], intervals['qann'])} |" in text
     for T in ("2", "4", "8"):
         assert f"| SNN | {T} | {cell(accuracy['snn'][T], intervals['snn'][T])} |" in text
-    assert "Top-1 in brackets: the Wilson score interval, 95 % of the accuracy on 32 images" in text
+    assert "Top-1 in brackets: the 95 % Wilson score interval of the accuracy on 32 images" in text
     for layer in document["spikes"]["per_layer"]:
         assert f"| {layer['name']} | {layer['neurons']} |" in text
     assert "E_MAC = 4.6 pJ, E_AC = 0.9 pJ" in text
