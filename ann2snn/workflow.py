@@ -268,8 +268,10 @@ def saved_network_file(target: str | Path) -> Path:
 
 
 def is_saved_conversion(target: str | Path) -> bool:
-    """Whether `target` is a conversion directory or a saved network file (else: a checkpoint)."""
-    return saved_network.is_saved_network(saved_network_file(target))
+    """Whether `target` is a conversion directory or a saved network file, intact or damaged (else: a
+    checkpoint). A directory can only be a conversion: `load_conversion` says what is wrong with one."""
+    target = Path(target)
+    return target.is_dir() or saved_network.is_saved_network(target)
 
 
 def load_conversion(target: str | Path, *, preprocessing: Mapping[str, Any] | None = None,

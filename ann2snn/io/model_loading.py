@@ -27,6 +27,7 @@ from torchvision import transforms
 from ann2snn.errors import ConversionWarning
 from ann2snn.io.atomic import atomic_write
 from ann2snn.io.checkpoint import CheckpointError, fit_state_dict, read_checkpoint, state_dict_of
+from ann2snn.io.saved_network import FORMAT as SAVED_NETWORK_FORMAT
 from ann2snn.zoo import MODELS, TORCHVISION_PREFIX, TRAINED_PREPROCESSING, build_model
 
 CHECKPOINT_FORMAT = "ann2snn-checkpoint"
@@ -235,6 +236,9 @@ def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | 
     path = Path(path)
     # Read once: with trust_pickle, every read would run the file's pickled code again.
     raw = read_checkpoint(path, trust_pickle=trust_pickle)
+    if isinstance(raw, Mapping) and raw.get("format") == SAVED_NETWORK_FORMAT:
+        raise CheckpointError(f"{path}: a spiking network converted by ann2snn, not a checkpoint to convert; "
+                              "`ann2snn eval` evaluates it, `ann2snn export` writes its ONNX models")
     state = state_dict_of(raw, path)
     described = raw if isinstance(raw, Mapping) and raw.get("format") == CHECKPOINT_FORMAT else {}
     if described and described.get("version", _UNVERSIONED) != CHECKPOINT_VERSION:

@@ -7,11 +7,18 @@ model's source code nor the original checkpoint is needed.
 Loading unpickles Python objects, which can run arbitrary code: load only files you produced or
 trust. The outer container is read with `weights_only=True` and must carry this module's format
 marker before anything inside it is unpickled, so other torch files are refused without running them.
+
+The container also carries a sha256 checksum of the metadata and of the pickled modules (every weight, buffer
+and line of graph code). Loading checks it before it unpickles anything, so a file that was changed or damaged
+after it was saved is refused. Files saved before the checksum was added (every version 1 file, and the first
+version 2 files) have none: they still load, unchecked.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
+import json
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +35,9 @@ if TYPE_CHECKING:  # io sits below the runtime: it stores its networks without i
     from ann2snn.runtime.network import SpikingNetwork
 
 FORMAT = "ann2snn-snn"
+# torch files are zip archives that store their records uncompressed, with the pickled container first: the
+# format marker lies in a file's first bytes even when the rest of it is missing.
+_MARKER_SEARCHED_BYTES = 4096
 # 2: classes under the subpackages (ann2snn.runtime.network.SpikingNetwork, ...); 1: the flat layout before
 VERSION = 2
 # Where version 1's modules went; ClippedReLU and QCFSQuantizer left ann2snn.layers for the compiler.
@@ -87,11 +97,13 @@ def save(snn: SpikingNetwork, path: str | Path, metadata: dict[str, Any] | None 
     modules = {"snn": network, "ann": _portable(ann) if ann is not None else None}
     pickled = io.BytesIO()
     torch.save(modules, pickled)
+    metadata = dict(metadata or {})
     container = {
         "format": FORMAT,
         "version": VERSION,
-        "metadata": dict(metadata or {}),
+        "metadata": metadata,
         "modules": torch.frombuffer(bytearray(pickled.getbuffer()), dtype=torch.uint8),
+        "sha256": _checksum(metadata, pickled.getvalue()),
     }
     serialized = io.BytesIO()
     torch.save(container, serialized)
@@ -99,19 +111,66 @@ def save(snn: SpikingNetwork, path: str | Path, metadata: dict[str, Any] | None 
     return path
 
 
-def _read_container(path: Path) -> dict[str, Any] | None:
-    """The outer container of a saved network, read without unpickling code; None for other files."""
+def _checksum(metadata: dict[str, Any], modules: bytes) -> str:
+    """sha256 of the metadata (as canonical JSON) followed by the pickled modules."""
+    digest = hashlib.sha256(json.dumps(metadata, sort_keys=True).encode())
+    digest.update(modules)
+    return digest.hexdigest()
+
+
+def _has_format_marker(path: Path) -> bool:
+    with open(path, "rb") as file:
+        return FORMAT.encode() in file.read(_MARKER_SEARCHED_BYTES)
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else 'no details'}"
+
+
+def _is_container(loaded: object) -> bool:
+    return (isinstance(loaded, dict) and loaded.get("format") == FORMAT and isinstance(loaded.get("metadata"), dict)
+            and isinstance(loaded.get("modules"), torch.Tensor) and loaded["modules"].dtype == torch.uint8
+            and isinstance(loaded.get("sha256", ""), str))
+
+
+def _read_container(path: Path) -> dict[str, Any]:
+    """The outer container of a saved network, read without unpickling code. For any other file, a
+    ValueError that names `path` and says what it is."""
+    failure = None
     try:
         container = torch.load(path, map_location="cpu", weights_only=True)
     # torch.load reports foreign or corrupt files as many unrelated exception types.
-    except Exception:
-        return None
-    return container if isinstance(container, dict) and container.get("format") == FORMAT else None
+    except Exception as error:
+        failure = error
+    else:
+        if _is_container(container):
+            return container
+    if _has_format_marker(path):
+        reason = _first_line(failure) if failure is not None else "parts of its container are missing"
+        raise ValueError(f"{path}: truncated or corrupt: a spiking network saved by ann2snn.save, but it cannot be "
+                         f"read ({reason}); convert its checkpoint again") from failure
+    not_ours = f"{path}: not a spiking network saved by ann2snn.save (no '{FORMAT}' format marker)"
+    if failure is None:
+        raise ValueError(f"{not_ours}: a torch file of another kind, such as a checkpoint's weights; `ann2snn "
+                         "convert` converts checkpoints")
+    if "GLOBAL " in str(failure):  # how weights_only names a class it refuses to import: GLOBAL <module>.<name>
+        raise ValueError(f"{not_ours}: a torch file that holds pickled Python objects, such as a checkpoint of a "
+                         "whole model; `ann2snn convert` converts checkpoints") from failure
+    raise ValueError(f"{not_ours}: not a torch file, or truncated ({_first_line(failure)})") from failure
 
 
 def is_saved_network(path: str | Path) -> bool:
-    """Whether `path` is a file written by `save` (checked without unpickling code)."""
-    return Path(path).is_file() and _read_container(Path(path)) is not None
+    """Whether `path` is a file written by `save`, intact or not (checked without unpickling code):
+    `load_saved` says what is wrong with a damaged one."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        _read_container(path)
+    except ValueError:
+        return _has_format_marker(path)
+    return True
 
 
 class _Version1Unpickler(pickle.Unpickler):
@@ -134,14 +193,18 @@ def load_saved(path: str | Path, map_location: str | torch.device = "cpu") -> Sa
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     container = _read_container(path)
-    if container is None:
-        raise ValueError(f"{path}: not a spiking network saved by ann2snn.save (no '{FORMAT}' format marker)")
     version = container.get("version")
     if version not in _PICKLE_MODULES:
         raise ValueError(f"{path}: saved in format version {version}; this ann2snn reads versions "
                          f"{', '.join(map(str, sorted(_PICKLE_MODULES)))}")
-    modules = torch.load(io.BytesIO(container["modules"].numpy().tobytes()), map_location=map_location,
-                         weights_only=False, pickle_module=_PICKLE_MODULES[version])
+    pickled = container["modules"].numpy().tobytes()
+    recorded = container.get("sha256")  # None in files saved before checksums (see the module docstring)
+    if recorded is not None and _checksum(container["metadata"], pickled) != recorded:
+        raise ValueError(f"{path}: corrupt: its contents do not match the sha256 checksum saved with them, so the "
+                         "file was changed or damaged after it was saved; convert its checkpoint again, or use a "
+                         "copy of the file")
+    modules = torch.load(io.BytesIO(pickled), map_location=map_location, weights_only=False,
+                         pickle_module=_PICKLE_MODULES[version])
     return SavedNetwork(snn=modules["snn"], ann=modules["ann"], metadata=container["metadata"])
 
 
