@@ -294,7 +294,7 @@ def plot_accuracy_vs_T(document: Document, path: str | Path) -> Path:
     return save_figure(accuracy_figure(document), path)
 
 
-def plot_spikes_per_layer(document: Document, path: str | Path) -> Path:
+def spikes_figure(document: Document) -> Figure:
     """Per spiking layer: spikes per image (top) and firing rate and never-firing share (bottom)."""
     layers = document["spikes"]["per_layer"]
     names = [layer["name"] for layer in layers]
@@ -316,7 +316,11 @@ def plot_spikes_per_layer(document: Document, path: str | Path) -> Path:
     rate_axes.legend(fontsize=8)
     for axes in (spikes_axes, rate_axes):
         axes.grid(True, axis="y", alpha=0.3)
-    return save_figure(figure, path)
+    return figure
+
+
+def plot_spikes_per_layer(document: Document, path: str | Path) -> Path:
+    return save_figure(spikes_figure(document), path)
 
 
 def write_report(document: Document, directory: str | Path) -> list[Path]:

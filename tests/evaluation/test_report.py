@@ -20,6 +20,7 @@ from ann2snn.evaluation.report import (
     SPIKES_PLOT,
     accuracy_figure,
     markdown,
+    spikes_figure,
     summary,
     write_report,
 )
@@ -125,6 +126,18 @@ def test_accuracy_figure_has_error_bars_and_two_visible_reference_lines() -> Non
     labels = [text.get_text() for text in axes.texts]
     assert "ANN 100.0 %" in labels and "QANN 100.0 %" in labels
     assert "if neurons, 4-bit" in axes.get_title() and "rate coding" in axes.get_title()
+
+
+@pytest.mark.parametrize("neuron, qbits, named", [
+    ("signed", 3, "signed neurons, 3-bit"),
+    ("if", {"default": 4, "first": 8}, "if neurons, 4–8-bit (per layer)"),
+])
+def test_figure_titles_name_the_neuron_kind_and_the_bits(neuron: str, qbits, named: str) -> None:
+    document = evaluated_document()
+    document["config"].update(neuron=neuron, qbits=qbits)
+    assert named in accuracy_figure(document).axes[0].get_title()
+    assert named in spikes_figure(document).axes[0].get_title()
+    assert f"SNN: {named} QANN" in summary(document).splitlines()[0]
 
 
 def test_summary_fits_one_screen() -> None:
