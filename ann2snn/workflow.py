@@ -10,11 +10,8 @@ a budget. Under torchrun each process passes the same arguments and works on its
 `ann2snn.distributed`); only the first process should write the outputs."""
 from __future__ import annotations
 
-import secrets
-import shutil
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -39,6 +36,7 @@ from ann2snn.io import saved_network
 from ann2snn.io.batches import check_model_accepts, device_of
 from ann2snn.io.data import absolute_spec, known_labels, make_loader, open_dataset, stratified_subset
 from ann2snn.io.model_loading import LoadedModel, Preprocessing, load_model
+from ann2snn.io.output_directory import OutputClaim, claimed_output
 from ann2snn.runtime.coding import Coding
 from ann2snn.runtime.memory import default_memory_limit
 from ann2snn.runtime.network import SpikingNetwork
@@ -313,44 +311,24 @@ def save(snn: SpikingNetwork, path: str | Path, metadata: dict[str, Any] | None 
     return saved_network.save(snn, path, metadata, ann=trace(ann) if ann is not None else None)
 
 
-@contextmanager
-def staged_directory(out: str | Path) -> Iterator[Path]:
-    """A temporary directory beside `out` that replaces `out` once everything is written into it: an
-    interrupted or failed run leaves the previous `out`, or nothing."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # mkdir, not tempfile.mkdtemp: the result must get the user's usual permissions, not 0700.
-    staging = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
-    staging.mkdir()
-    try:
-        yield staging
-        if out.exists():
-            retired = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
-            out.rename(retired)
-            try:
-                staging.rename(out)
-            except BaseException:  # Ctrl-C between the two renames included: put the previous output back
-                retired.rename(out)
-                raise
-            shutil.rmtree(retired)
-        else:
-            staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def write_conversion(out: str | Path, conversion: Conversion) -> list[str]:
-    """Write an evaluated conversion to the directory `out` (replacing it whole): snn.pt, the ONNX models,
-    report.json, report.md and the figures. Returns the names of the files written."""
+def write_conversion(out: str | Path | OutputClaim, conversion: Conversion, *, force: bool = False) -> list[str]:
+    """Write an evaluated conversion to the directory `out`: snn.pt, the ONNX models, report.json, report.md
+    and the figures. Returns the names of the files written. An existing `out` is replaced whole, only with
+    `force` and only if ann2snn wrote it (see `ann2snn.io.output_directory`). `out` may also be a claim taken
+    before the work (`claimed_output`), as `ann2snn convert` does."""
     snn, report, ann, preprocessing = conversion
     if report is None:
         raise ValueError("the conversion was not evaluated: convert_checkpoint(..., eval=DATA) writes a report")
-    with staged_directory(out) as staging:
-        save(snn, staging / SNN_FILE, {"model": report["model"], "preprocessing": report["model"]["preprocessing"],
-                                        "config": report["config"], "data": report["data"]}, ann=ann)
-        onnx_files = write_onnx_files(snn, staging, CONVERSION_ONNX_FORMATS,
-                                      input_shape=tuple(preprocessing.image_size))
-        return [SNN_FILE] + [path.name for path in onnx_files] + [path.name for path in write_report(report, staging)]
+    if not isinstance(out, OutputClaim):
+        with claimed_output(out, force=force, written_by="ann2snn.write_conversion") as claim:
+            return write_conversion(claim, conversion)
+    staging = out.directory
+    save(snn, staging / SNN_FILE, {"model": report["model"], "preprocessing": report["model"]["preprocessing"],
+                                    "config": report["config"], "data": report["data"]}, ann=ann)
+    onnx_files = write_onnx_files(snn, staging, CONVERSION_ONNX_FORMATS, input_shape=tuple(preprocessing.image_size))
+    files = [SNN_FILE] + [path.name for path in onnx_files] + [path.name for path in write_report(report, staging)]
+    out.commit()
+    return files
 
 
 def traced_for_inspection(loaded: LoadedModel) -> fx.GraphModule:

@@ -14,6 +14,7 @@ from ann2snn.compiler.quantizer import QCFSQuantizer
 from ann2snn.config import ConversionConfig
 from ann2snn.io.data import make_loader
 from ann2snn.io.model_loading import load_model
+from ann2snn.io.output_directory import MARKER
 from ann2snn.training.finetune import quantization_aware
 from ann2snn.workflow import (
     Execution,
@@ -68,7 +69,7 @@ def test_convert_checkpoint_is_what_the_command_line_writes(capsys, digits, tmp_
                                        if key not in ("coding", "T_list")}) == ConversionConfig.from_dict({"T": 4})
 
     files = write_conversion(tmp_path / "library", conversion)
-    assert set(files) == {path.name for path in out.iterdir()}
+    assert {*files, MARKER} == {path.name for path in out.iterdir()}
     again = evaluate_saved(tmp_path / "library", "mnist5k", eval_size=20, T_list=[4], execution=FAST)
     assert again["accuracy"] == written["accuracy"]
 

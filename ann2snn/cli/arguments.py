@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, NoReturn
@@ -18,6 +18,7 @@ from ann2snn.config import ConversionConfig, NeuronConfig
 from ann2snn.distributed import DEFAULT_TIMEOUT, is_distributed, is_main_process, process_group
 from ann2snn.io.data import shared_dir
 from ann2snn.io.model_loading import LoadedModel, load_model
+from ann2snn.io.output_directory import OutputClaim, OutputRefused, claimed_output
 from ann2snn.runtime.encoding import ENCODINGS
 from ann2snn.runtime.memory import MEBIBYTE
 from ann2snn.runtime.neuron_kinds import NEURON_KINDS
@@ -217,7 +218,9 @@ def run_arguments() -> argparse.ArgumentParser:
                        help="signed neurons: simulate each batch only until no neuron fires (its outputs are "
                             "final); the report gives the steps per image")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
-    group.add_argument("--force", action="store_true", help="replace an existing output directory")
+    group.add_argument("--force", action="store_true",
+                       help="replace an existing output directory that ann2snn wrote (its .ann2snn-output marker "
+                            "lists every file in it); any other directory is refused")
     group.add_argument("--dist-timeout", type=positive_int, metavar="SECONDS",
                        default=int(DEFAULT_TIMEOUT.total_seconds()),
                        help="under torchrun: how long a process waits for the others in a collective before "
@@ -277,26 +280,22 @@ def load(args: argparse.Namespace, checkpoint: Path) -> LoadedModel:
                       preprocessing=preprocessing_overrides(args), trust_pickle=args.trust_pickle)
 
 
-def check_output_free(out: Path | None, force: bool) -> None:
-    """Fail before any work when `out` exists (unless `force`) or cannot be written."""
+@contextmanager
+def output_claim(out: Path | None, force: bool, command: str, reads: Path) -> Iterator[OutputClaim | None]:
+    """The output directory `out` claimed before any work (see ann2snn.io.output_directory), or a usage error
+    that says why it cannot be; None when there is no `out`. `reads` is what the command reads, which the
+    output must not hold."""
     # Under torchrun only the first process writes; the others' file systems do not matter.
-    if not is_main_process() or out is None:
+    if out is None or not is_main_process():
+        yield None
         return
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"output path {out} exists and is not a directory; choose another --out")
-    if out.exists() and not force:
-        raise UsageError(f"output directory {out} already exists; pass --force to replace it")
-    # Try what workflow.staged_directory will do at the end: make a directory beside `out`, in the nearest
-    # directory that exists (the missing ones in between are made then, as they would be now).
-    absolute = out.absolute()
-    ancestor = next(parent for parent in absolute.parents if parent.exists())
-    probe = ancestor / f".{out.name}.probe-{secrets.token_hex(4)}"
-    try:
-        probe.mkdir()
-    except OSError as error:
-        raise UsageError(f"cannot write output directory {out}: {error.strerror} ({ancestor}); choose another "
-                         "--out") from error
-    probe.rmdir()
+    with ExitStack() as stack:
+        try:
+            claim = stack.enter_context(claimed_output(out, force=force, written_by=f"{PROGRAM} {command}",
+                                                       inputs=[reads]))
+        except OutputRefused as error:
+            raise UsageError(str(error)) from error
+        yield claim
 
 
 def refuse_conversion_options(args: argparse.Namespace, target: Path) -> None:

@@ -26,11 +26,11 @@ def add_parser(commands: argparse._SubParsersAction, parents: list[argparse.Argu
 @arguments.data_parallel
 def run(args: argparse.Namespace) -> int:
     out = args.out or Path(f"{args.checkpoint.stem}-snn")
-    arguments.check_output_free(out, args.force)
-    conversion = arguments.requested_conversion(args, args.checkpoint)
-    if not is_main_process():
-        return 0
-    files = write_conversion(out, conversion)
+    with arguments.output_claim(out, args.force, "convert", args.checkpoint) as claim:
+        conversion = arguments.requested_conversion(args, args.checkpoint)
+        if not is_main_process():
+            return 0
+        files = write_conversion(claim, conversion)
     print(summary(conversion.report))
     print(f"\nWrote {out}/: {', '.join(files)}")
     return 0

@@ -8,7 +8,7 @@ from ann2snn.cli import arguments
 from ann2snn.cli.arguments import DEFAULT_EVALUATION
 from ann2snn.distributed import is_main_process
 from ann2snn.evaluation.report import summary, write_report
-from ann2snn.workflow import evaluate_saved, is_saved_conversion, staged_directory
+from ann2snn.workflow import evaluate_saved, is_saved_conversion
 
 
 def add_parser(commands: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
@@ -23,22 +23,25 @@ def add_parser(commands: argparse._SubParsersAction, parents: list[argparse.Argu
 
 @arguments.data_parallel
 def run(args: argparse.Namespace) -> int:
-    arguments.check_output_free(args.out, args.force)
-    if is_saved_conversion(args.target):
-        arguments.refuse_conversion_options(args, args.target)
-        document = evaluate_saved(args.target, arguments.data_spec(args.data, DEFAULT_EVALUATION, "--data"),
-                                  eval_size=args.eval_size, T_list=args.T_list, chunk_size=args.chunk_size,
-                                  preprocessing=arguments.preprocessing_overrides(args),
-                                  execution=arguments.execution(args))
-    else:
-        document = arguments.requested_conversion(args, args.target).report
-    if not is_main_process():
-        return 0
-    files: list[str] = []
-    if args.out is not None:
-        with staged_directory(args.out) as staging:
-            files = [path.name for path in write_report(document, staging)]
+    with arguments.output_claim(args.out, args.force, "eval", args.target) as claim:
+        document = _evaluated(args)
+        if not is_main_process():
+            return 0
+        files: list[str] = []
+        if claim is not None:
+            files = [path.name for path in write_report(document, claim.directory)]
+            claim.commit()
     print(summary(document))
     if args.out is not None:
         print(f"\nWrote {args.out}/: {', '.join(files)}")
     return 0
+
+
+def _evaluated(args: argparse.Namespace) -> dict:
+    """The report document of the target: a saved conversion evaluated, or a checkpoint converted and evaluated."""
+    if not is_saved_conversion(args.target):
+        return arguments.requested_conversion(args, args.target).report
+    arguments.refuse_conversion_options(args, args.target)
+    return evaluate_saved(args.target, arguments.data_spec(args.data, DEFAULT_EVALUATION, "--data"),
+                          eval_size=args.eval_size, T_list=args.T_list, chunk_size=args.chunk_size,
+                          preprocessing=arguments.preprocessing_overrides(args), execution=arguments.execution(args))

@@ -5,8 +5,9 @@ import argparse
 from pathlib import Path
 
 from ann2snn.cli import arguments
-from ann2snn.cli.arguments import UsageError
+from ann2snn.cli.arguments import PROGRAM, UsageError
 from ann2snn.interop.onnx import FILE_NAMES, FORMATS, write_onnx_files
+from ann2snn.io.output_directory import OutputRefused, check_files_replaceable, record_files
 from ann2snn.io.saved_network import load_saved
 from ann2snn.workflow import saved_network_file
 
@@ -25,18 +26,29 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--image-size", nargs="+", metavar="N",
                         help="model input size C,H,W (default: from the conversion's metadata)")
     parser.add_argument("--out", type=Path, metavar="DIR", help="write the files to DIR (default: beside snn.pt)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace ONNX files that ann2snn wrote before (the .ann2snn-output marker of their "
+                             "directory lists them; convert writes snn.onnx and snn-step.onnx); other files are "
+                             "never replaced")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     saved_file = saved_network_file(args.target)
+    out = args.out or saved_file.parent
+    formats = FORMATS if args.format == "all" else (args.format,)
+    names = [FILE_NAMES[f] for f in formats]
+    try:
+        check_files_replaceable(out, names, args.force)
+    except OutputRefused as error:
+        raise UsageError(str(error)) from error
     saved = load_saved(saved_file)
     image_size = arguments.numbers(args.image_size, int) or saved.metadata.get("preprocessing", {}).get("image_size")
     if not image_size:
         raise UsageError(f"{saved_file} records no input size; pass --image-size C,H,W")
-    out = args.out or saved_file.parent
     out.mkdir(parents=True, exist_ok=True)
-    formats = FORMATS if args.format == "all" else (args.format,)
-    for path in write_onnx_files(saved.snn, out, formats, input_shape=tuple(image_size), T=args.T):
+    written = write_onnx_files(saved.snn, out, formats, input_shape=tuple(image_size), T=args.T)
+    record_files(out, [path.name for path in written], f"{PROGRAM} export")
+    for path in written:
         print(f"Wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
     return 0

@@ -24,6 +24,7 @@ from torch import nn
 import ann2snn
 from ann2snn.cli.main import main
 from ann2snn.errors import ConversionError, ConversionWarning, InputError
+from ann2snn.io.output_directory import MARKER
 from ann2snn.io.saved_network import load_saved
 from ann2snn.zoo import build_model
 from tests.helpers import (
@@ -38,7 +39,7 @@ from tests.networks import cnn
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 SEED = ("--seed", "3")  # the stratified subsets of calibration and evaluation images depend on it
-CONVERSION_FILES = {"snn.pt", "snn.onnx", "snn-step.onnx", "report.json", "report.md", "accuracy_vs_T.png",
+CONVERSION_FILES = {MARKER, "snn.pt", "snn.onnx", "snn-step.onnx", "report.json", "report.md", "accuracy_vs_T.png",
                     "spikes_per_layer.png"}
 
 
@@ -291,7 +292,7 @@ def test_existing_output_directory_without_force_is_left_alone(capsys, tmp_path:
     (out / "notes.md").write_text("results of last week")
     before = contents(out)
     code, _, err = run_cli(capsys, *digits_args(digits, "--out", out))
-    assert_one_line_error(code, err, 2, f"output directory {out} already exists; pass --force to replace it")
+    assert_one_line_error(code, err, 2, f"output directory {out} already exists and was not written by ann2snn")
     assert contents(out) == before
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
 
@@ -315,7 +316,7 @@ def test_interrupted_run_leaves_the_previous_output_as_it_was(tmp_path: Path, di
     try:
         # Stop it at the worst moment: while the new outputs are being written beside the previous ones.
         deadline = time.monotonic() + 240
-        while not list(out.parent.glob(".out.partial-*")):
+        while not (out.parent / ".out.partial" / "snn.pt").exists():
             assert process.poll() is None, f"the run ended before writing its outputs: {process.communicate()[1]}"
             assert time.monotonic() < deadline, "the run never started writing its outputs"
             time.sleep(0.01)

@@ -17,12 +17,13 @@ import ann2snn
 from ann2snn.io.checkpoint import load_into
 from ann2snn.io.data import SHARED_ENV_VAR, cifar10_transform, make_loader, open_dataset, stratified_subset
 from ann2snn.io.model_loading import Preprocessing, save_checkpoint
+from ann2snn.io.output_directory import MARKER
 from ann2snn.zoo import build_model
 from tests.helpers import assert_one_line_error, digits_args, digits_checkpoint
 from tests.helpers import run_cli as run
 from tests.networks import cnn
 
-REPORT_FILES = {"report.json", "report.md", "accuracy_vs_T.png", "spikes_per_layer.png"}
+REPORT_FILES = {MARKER, "report.json", "report.md", "accuracy_vs_T.png", "spikes_per_layer.png"}
 CONVERSION_FILES = REPORT_FILES | {"snn.pt", "snn.onnx", "snn-step.onnx"}
 CLASSES = ("cat", "dog", "frog")
 FAST = ["--T", "4", "--T-list", "2,4", "--no-progress"]

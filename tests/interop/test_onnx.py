@@ -24,6 +24,7 @@ from ann2snn.errors import ConversionError
 from ann2snn.interop.onnx import FILE_NAMES, FORMATS, onnx_models
 from ann2snn.io.data import ListFileDataset, cifar10_transform, make_loader
 from ann2snn.io.model_loading import Preprocessing, load_model
+from ann2snn.io.output_directory import MARKER
 from ann2snn.runtime.layers import TemporalModule
 from ann2snn.zoo import build_model
 from tests.helpers import assert_rel_close, randomize_bn
@@ -272,7 +273,8 @@ def test_cli_export_writes_every_format(tmp_path, capsys) -> None:
     snn = ann2snn.convert(build(), calibration(), qbits=2, T=4, neuron="signed-rate")
     ann2snn.save(snn, tmp_path / "snn.pt", {"preprocessing": Preprocessing(image_size=[3, 8, 8]).to_dict()})
     assert main(["export", str(tmp_path)]) == 0
-    assert {path.name for path in tmp_path.iterdir()} == {"snn.pt", *FILE_NAMES.values()}  # no temporary files left
+    # no temporary files left; the marker lists what ann2snn wrote
+    assert {path.name for path in tmp_path.iterdir()} == {"snn.pt", MARKER, *FILE_NAMES.values()}
     out = capsys.readouterr().out
     assert all(f"Wrote {tmp_path / name}" in out for name in FILE_NAMES.values())
     x = torch.randn(2, 3, 8, 8)
