@@ -132,12 +132,14 @@ def check_files_replaceable(directory: Path, names: Sequence[str], force: bool) 
     if not force:
         raise OutputRefused(f"{_listing(existing)} already exist{'s' * (len(existing) == 1)} in {directory}; pass "
                             "--force to replace them, or choose another --out")
-    listed = set((read_marker(directory) or {"files": []})["files"])
+    marker = read_marker(directory)
+    listed = set(marker["files"]) if marker is not None else set()
     foreign = [name for name in existing if name not in listed or not _is_plain_file(directory / name)]
     if foreign:
-        raise OutputRefused(f"{_listing(foreign)} in {directory} {'was' if len(foreign) == 1 else 'were'} not "
-                            f"written by ann2snn (its {MARKER} does not list them); ann2snn replaces only its own "
-                            "files, even with --force: choose another --out")
+        one = len(foreign) == 1
+        why = f"its {MARKER} does not list {'it' if one else 'them'}" if marker else f"it has no {MARKER} marker"
+        raise OutputRefused(f"{_listing(foreign)} in {directory} {'was' if one else 'were'} not written by ann2snn "
+                            f"({why}); ann2snn replaces only its own files, even with --force: choose another --out")
 
 
 def record_files(directory: Path, names: Sequence[str], written_by: str) -> None:
