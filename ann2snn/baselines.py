@@ -94,7 +94,8 @@ def measure(entry: Mapping[str, Any], data: Mapping[str, str], base: Path, *, tr
     load, options = entry["load"], dict(entry["options"])
     loaded = load_model(resolve_path(entry["checkpoint"], base), arch=load.get("arch"),
                         num_classes=load.get("num_classes"),
-                        preprocessing={key: load[key] for key in ("mean", "std", "image_size") if key in load},
+                        preprocessing={key: load[key] for key in ("mean", "std", "image_size", "resize")
+                                       if key in load},
                         trust_pickle=trust_pickle)
     pruning = options.pop("pruning", None)
     if pruning is not None:

@@ -11,6 +11,7 @@ a budget. Under torchrun each process passes the same arguments and works on its
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +29,23 @@ from ann2snn.compiler.passes import trace
 from ann2snn.compiler.qbits import DEFAULT_KEY
 from ann2snn.config import ConversionConfig, QuantizationConfig
 from ann2snn.distributed import shard
+from ann2snn.errors import ConversionWarning
 from ann2snn.evaluation.analysis import Analysis, analyze
 from ann2snn.evaluation.evaluate import evaluate
 from ann2snn.evaluation.report import write_report
 from ann2snn.interop.onnx import write_onnx_files
 from ann2snn.io import saved_network
 from ann2snn.io.batches import check_model_accepts, device_of
-from ann2snn.io.data import absolute_spec, known_labels, make_loader, open_dataset, stratified_subset
+from ann2snn.io.data import (
+    absolute_spec,
+    check_classes,
+    check_image_files,
+    class_names,
+    known_labels,
+    make_loader,
+    open_dataset,
+    stratified_subset,
+)
 from ann2snn.io.model_loading import LoadedModel, Preprocessing, load_model
 from ann2snn.io.output_directory import OutputClaim, claimed_output
 from ann2snn.runtime.coding import Coding
@@ -98,19 +109,33 @@ class Conversion(NamedTuple):
 
 def open_data(spec: str, preprocessing: Preprocessing, size: int | None = None, seed: int = 0) -> tuple[Dataset, dict]:
     """The data set named by `spec` (see `ann2snn.io.data.open_dataset`), a stratified subset of `size`
-    images of it, and its entry for the report."""
+    images of it, and its entry for the report (with its class names, where it has them). Every image file
+    of it is decoded and checked against the model's input size once, here, before any work on it (see
+    `check_image_files`)."""
     dataset = open_dataset(spec, transform=preprocessing.transform())
     available = len(dataset)
     if size is not None and size < available:
         dataset = stratified_subset(dataset, size, seed)
-    return dataset, {"spec": absolute_spec(spec), "images": len(dataset), "available": available, "seed": seed}
+    elif size is not None and size > available:
+        warnings.warn(f"{spec} holds {available} images, fewer than the {size} asked for: all {available} are used",
+                      ConversionWarning, stacklevel=2)
+    check_image_files(dataset, preprocessing.image_size, adapt=preprocessing.resize, where=spec)
+    classes = class_names(dataset)
+    return dataset, {"spec": absolute_spec(spec), "images": len(dataset), "available": available, "seed": seed,
+                     **({"classes": classes} if classes is not None else {})}
 
 
-def check_model_input(model: nn.Module, dataset: Dataset, device: torch.device | str, labelled: bool = False) -> None:
+def check_model_input(model: nn.Module, dataset: Dataset, device: torch.device | str, labelled: bool = False, *,
+                      where: str = "the data", calibration_classes: Sequence[str] | None = None) -> None:
     """Fail early, with the sizes in the message, when the model cannot take the data's images or (for
-    `labelled` evaluation data) when the data has more classes than the model has outputs."""
+    `labelled` evaluation data) when the data's classes are not the model's outputs: where the data names its
+    classes, these must be one per output and those of `calibration_classes` (see `check_classes`)."""
     outputs = check_model_accepts(model, dataset[0][0].unsqueeze(0).to(device),
                                   "; set --image-size C,H,W or check the data")
+    classes = class_names(dataset)
+    if classes is not None:
+        check_classes(where, classes, outputs.shape[-1], calibration_classes, calibration=not labelled)
+        return
     labels = known_labels(dataset) if labelled else None
     if labels and max(labels) >= outputs.shape[-1]:
         raise ValueError(f"labels out of range: the evaluation data has {max(labels) + 1} classes but the model has "
@@ -176,7 +201,7 @@ def convert_loaded(loaded: LoadedModel, calibration: Dataset, config: Conversion
     fine-tuned thresholds are used when it is converted at its own bits, unless `recalibrate`."""
     device = torch.device(execution.device)
     model = loaded.model.to(device)
-    check_model_input(model, calibration, device)
+    check_model_input(model, calibration, device, where="the calibration data")
     pruning_summary = None
     if pruning is not None:
         model, pruning_summary = _pruned(model, pruning, loaded.preprocessing, execution)
@@ -244,7 +269,8 @@ def convert_checkpoint(checkpoint: str | Path | LoadedModel, config: ConversionC
     evaluation = None
     if eval is not None:
         evaluation = open_data(eval, loaded.preprocessing, eval_size, execution.seed)
-        check_model_input(loaded.model, evaluation[0], device_of(loaded.model), labelled=True)
+        check_model_input(loaded.model, evaluation[0], device_of(loaded.model), labelled=True,
+                          where=f"evaluation data {eval}", calibration_classes=calibration_entry.get("classes"))
     calibration, calibration_entry = open_data(calib, loaded.preprocessing, calib_size, execution.seed)
     snn, ann = convert_loaded(loaded, calibration, config, recalibrate=recalibrate, pruning=pruning,
                               qbits_budget=qbits_budget, execution=execution, log=log)
@@ -287,8 +313,12 @@ def evaluate_saved(target: str | Path, data: str, *, eval_size: int | None = Non
     saved, resolved = load_conversion(target, preprocessing=preprocessing, device=execution.device)
     check_stop_when_quiet(execution, saved.snn.coding)
     model = {**saved.metadata.get("model", {}), "preprocessing": resolved.to_dict()}
-    return evaluate_document(saved.snn, saved.ann, open_data(data, resolved, eval_size, execution.seed), model, {},
-                             T_list=T_list, chunk_size=chunk_size, execution=execution)
+    evaluation = open_data(data, resolved, eval_size, execution.seed)
+    reference = next(network for network in (saved.ann, saved.snn.qann, saved.snn) if network is not None)
+    check_model_input(reference, evaluation[0], execution.device, labelled=True, where=f"evaluation data {data}",
+                      calibration_classes=saved.metadata.get("data", {}).get("calibration", {}).get("classes"))
+    return evaluate_document(saved.snn, saved.ann, evaluation, model, {}, T_list=T_list, chunk_size=chunk_size,
+                             execution=execution)
 
 
 def analyze_network(snn: SpikingNetwork, data: str, preprocessing: Preprocessing, *, size: int | None = None,

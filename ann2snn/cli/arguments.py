@@ -137,6 +137,9 @@ def model_arguments() -> argparse.ArgumentParser:
     group.add_argument("--std", nargs="+", metavar="S", help="per-channel normalisation std")
     group.add_argument("--image-size", nargs="+", metavar="N", help="model input size C,H,W (e.g. 3,32,32)")
     return parser
+    group.add_argument("--resize", action="store_true", default=None,
+                       help="resize images of another size to the model's (stretching non-square ones) and convert "
+                            "grayscale and colour to its channels, with a warning (default: such images are refused)")
 
 
 def conversion_arguments() -> argparse.ArgumentParser:
@@ -260,9 +263,9 @@ def execution(args: argparse.Namespace) -> Execution:
                      max_memory=int(args.max_memory * MEBIBYTE) if args.max_memory is not None else None)
 
 
-def preprocessing_overrides(args: argparse.Namespace) -> dict[str, list]:
+def preprocessing_overrides(args: argparse.Namespace) -> dict[str, Any]:
     given = {"mean": numbers(args.mean, float), "std": numbers(args.std, float),
-             "image_size": numbers(args.image_size, int)}
+             "image_size": numbers(args.image_size, int), "resize": args.resize}
     return {key: value for key, value in given.items() if value is not None}
 
 

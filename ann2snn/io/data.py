@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,6 +16,9 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+from ann2snn.errors import ConversionWarning, InputError
 
 __all__ = [
     "SHARED_ENV_VAR",
@@ -37,6 +41,11 @@ _ACCEPTED_FORMS = (
     "an ImageFolder directory, a .txt image list file, cifar10:<dir>, cifar10-train:<dir> or mnist5k"
 )
 Transform = Callable[[Any], Any]
+# CIFAR-10's classes in its label order, which is also their sorted order (an ImageFolder's labels).
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+# PIL modes of one-channel images; every other mode converts to RGB.
+GRAYSCALE_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+_LISTED = 3
 
 
 def shared_dir() -> Path:
@@ -55,9 +64,39 @@ def cifar10_transform(
     return transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
 def _class_folders(split_directory: Path) -> list[str]:
-    # Same rule as ImageFolder.find_classes, so both give the same labels.
-    return sorted(entry.name for entry in os.scandir(split_directory) if entry.is_dir())
+    # ImageFolder's rule (sorted sub-directories), less hidden ones: notebooks and version control leave
+    # .ipynb_checkpoints/ or .git/ behind, and as classes they would shift the labels after them.
+    return sorted(entry.name for entry in os.scandir(split_directory) if entry.is_dir() and not _is_hidden(entry.name))
+
+
+def _open_image(path: str | Path) -> Image.Image:
+    """The image in `path` as L (grayscale) or RGB, whichever it is: a grayscale image stays one channel, so
+    that a colour model's check can tell it from a colour one instead of seeing it expanded."""
+    with Image.open(path) as image:
+        return image.convert("L" if image.mode in GRAYSCALE_MODES else "RGB")
+
+
+class _ImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder without hidden folders and files (see `_class_folders`), reading images with
+    `_open_image`."""
+
+    def __init__(self, root: str | Path, transform: Transform | None = None) -> None:
+        def visible_image(path: str) -> bool:
+            return has_file_allowed_extension(path, IMG_EXTENSIONS) and not any(
+                _is_hidden(part) for part in Path(path).relative_to(root).parts)
+
+        super().__init__(root, transform=transform, loader=_open_image, is_valid_file=visible_image)
+
+    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
+        classes = _class_folders(Path(directory))
+        if not classes:
+            raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+        return classes, {name: index for index, name in enumerate(classes)}
 
 
 class ListFileDataset(Dataset[tuple[Any, int]]):
@@ -78,10 +117,12 @@ class ListFileDataset(Dataset[tuple[Any, int]]):
         self.root = Path(root) if root is not None else self.list_file.absolute().parent.parent
         self.transform = transform
 
-        lines = [line.strip() for line in self.list_file.read_text().splitlines()]
-        image_paths = [self.root / line for line in lines if line]
-        if not image_paths:
+        numbered = [(number, line.strip()) for number, line in enumerate(self.list_file.read_text().splitlines(), 1)
+                    if line.strip()]
+        if not numbered:
             raise ValueError(f"{self.list_file}: lists no images")
+        _refuse_duplicate_lines(self.list_file, numbered)
+        image_paths = [self.root / line for _, line in numbered]
         missing = [path for path in image_paths if not path.is_file()]
         if missing:
             raise FileNotFoundError(
@@ -93,6 +134,10 @@ class ListFileDataset(Dataset[tuple[Any, int]]):
             raise ValueError(f"{self.list_file}: lists images from split directories with different class folders")
         self.classes = list(class_lists.pop())
         self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
+        outside = [str(path) for path in image_paths if path.parent.name not in self.class_to_idx]
+        if outside:
+            raise ValueError(f"{self.list_file}: {len(outside)} listed images are not in a class folder of their split "
+                             f"directory (hidden folders are not classes), first {outside[0]}")
         self.samples = [(path, self.class_to_idx[path.parent.name]) for path in image_paths]
         self.targets = [label for _, label in self.samples]
 
@@ -101,9 +146,27 @@ class ListFileDataset(Dataset[tuple[Any, int]]):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, label = self.samples[index]
-        with Image.open(path) as image:
-            rgb = image.convert("RGB")
-        return (self.transform(rgb) if self.transform is not None else rgb), label
+        image = _open_image(path)
+        return (self.transform(image) if self.transform is not None else image), label
+
+
+def _refuse_duplicate_lines(list_file: Path, numbered: list[tuple[int, str]]) -> None:
+    """A list naming an image twice would count it twice in every accuracy: refused, with the line numbers,
+    rather than quietly evaluated on fewer images than the file lists."""
+    first_line: dict[str, int] = {}
+    repeats = []
+    for number, line in numbered:
+        first = first_line.setdefault(os.path.normpath(line), number)
+        if first != number:
+            repeats.append(f"line {number} repeats line {first} ({line})")
+    if repeats:
+        raise ValueError(f"{list_file}: {len(repeats)} duplicate line{'s' * (len(repeats) > 1)}, which would count "
+                         f"images twice: {_abbreviate(repeats)}; list each image once")
+
+
+def _abbreviate(items: Sequence[str]) -> str:
+    more = len(items) - _LISTED
+    return ", ".join(items[:_LISTED]) + (f", ... ({more} more)" if more > 0 else "")
 
 
 def known_labels(dataset: Dataset[Any]) -> list[int] | None:
@@ -114,6 +177,105 @@ def known_labels(dataset: Dataset[Any]) -> list[int] | None:
         return None if labels is None else [labels[index] for index in dataset.indices]
     targets = getattr(dataset, "targets", None)
     return None if targets is None else [int(target) for target in targets]
+
+
+def class_names(dataset: Dataset[Any]) -> list[str] | None:
+    """The names of a data set's classes in label order (ImageFolder, list files, CIFAR-10, MNIST5k and their
+    subsets), or None where it does not name them."""
+    if isinstance(dataset, Subset):
+        return class_names(dataset.dataset)
+    classes = getattr(dataset, "classes", None)
+    return [str(name) for name in classes] if classes is not None else None
+
+
+def check_classes(spec: str, classes: Sequence[str], outputs: int, calibration_classes: Sequence[str] | None = None,
+                  *, calibration: bool = False) -> None:
+    """Labels number the sorted class folders, so a missing folder shifts every label after it. The classes of
+    the data `spec` must be one per model output, and all of the reference's when they are among them: the
+    calibration data's classes when there are as many as the model has outputs, else CIFAR-10's for a model of
+    10 outputs. For calibration data (`calibration`), which needs no labels, a missing class only warns."""
+    reference, source = None, ""
+    if calibration_classes is not None and len(calibration_classes) == outputs \
+            and set(classes) <= set(calibration_classes):
+        reference, source = list(calibration_classes), "the calibration data's classes"
+    elif outputs == len(CIFAR10_CLASSES) and set(classes) <= set(CIFAR10_CLASSES):
+        reference, source = list(CIFAR10_CLASSES), "the CIFAR-10 classes"
+    if reference is not None and list(classes) != reference:
+        missing = [name for name in reference if name not in classes]
+        found = (f"class folder{'s' * (len(missing) > 1)} {', '.join(missing)} missing" if missing
+                 else "classes in another order")
+        if calibration:
+            warnings.warn(f"{spec}: {found} (the model's {outputs} outputs stand for {source}); the "
+                          "thresholds are calibrated without such images", ConversionWarning, stacklevel=2)
+            return
+        raise InputError(f"{spec}: {found} (the model's {outputs} outputs stand for {source}); labels number the "
+                         "sorted class folders, so every label after a missing one would be wrong; evaluate on data "
+                         "with a folder for each class")
+    if calibration or len(classes) == outputs:
+        return
+    if len(classes) > outputs:
+        raise InputError(f"labels out of range: the evaluation data has {len(classes)} classes but the model has "
+                         f"{outputs} outputs; check the data ({spec}: {_abbreviate(list(classes))}), or the model's "
+                         "--num-classes")
+    raise InputError(f"{spec}: {len(classes)} classes ({_abbreviate(list(classes))}) but the model has {outputs} "
+                     "outputs; labels number the sorted class folders, so with a class missing every label after it "
+                     "would be wrong; evaluate on data with a folder for each class")
+
+
+def _image_files(dataset: Dataset[Any]) -> list[Path] | None:
+    """The image files a data set reads, in its order (ImageFolder, list files and their subsets); None for
+    other data sets."""
+    if isinstance(dataset, Subset):
+        files = _image_files(dataset.dataset)
+        return None if files is None else [files[index] for index in dataset.indices]
+    samples = getattr(dataset, "samples", None)
+    return None if samples is None else [Path(path) for path, _ in samples]
+
+
+def _channels_of(mode: str) -> int:
+    return 1 if mode in GRAYSCALE_MODES else 3
+
+
+def check_image_files(dataset: Dataset[Any], image_size: Sequence[int], *, adapt: bool = False,
+                      where: str = "data") -> int:
+    """Decode every image file `dataset` reads, before any work is done on them: files that cannot be decoded
+    are an InputError naming them (not a failed batch minutes later). So are images whose size or channels
+    (grayscale or colour) differ from the model's `image_size` (C, H, W), unless `adapt`: then they are resized
+    and converted when read, with a warning. Returns the number of images adapted; checks nothing for data sets
+    that are not image files (their size is checked on their first sample)."""
+    files = _image_files(dataset)
+    if files is None:
+        return 0
+    channels, height, width = image_size
+    unreadable, misfits = [], []
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                size, mode = image.size, image.mode
+                image.load()  # the whole decode: truncated and corrupt data show only here
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            unreadable.append(f"{path} ({' '.join(str(error).split()) or type(error).__name__})")
+            continue
+        problems = [f"{size[0]}x{size[1]} pixels"] if size != (width, height) else []
+        if channels in (1, 3) and _channels_of(mode) != channels:
+            problems.append("grayscale" if channels == 3 else f"colour ({mode})")
+        if problems:
+            misfits.append(f"{path} ({', '.join(problems)})")
+    if unreadable:
+        raise InputError(f"{where}: {len(unreadable)} of {len(files)} image files cannot be read: "
+                         f"{_abbreviate(unreadable)}; replace or remove them")
+    if not misfits:
+        return 0
+    fit = (f"the model's {channels}x{height}x{width} inputs ({width}x{height} pixels, "
+           f"{'grayscale' if channels == 1 else 'colour' if channels == 3 else f'{channels} channels'})")
+    if not adapt:
+        raise InputError(f"{where}: {len(misfits)} of {len(files)} images do not fit {fit}: {_abbreviate(misfits)}; "
+                         "resize or convert them, or pass --resize to have them resized (non-square ones stretched) "
+                         "and converted as they are read")
+    warnings.warn(f"{where}: {len(misfits)} of {len(files)} images do not fit {fit} and are resized (non-square ones "
+                  f"stretched) and converted as they are read (--resize): {_abbreviate(misfits)}", ConversionWarning,
+                  stacklevel=2)
+    return len(misfits)
 
 
 def _raw_samples(dataset: Dataset[Any]) -> tuple[list[Path] | Tensor, list[int]]:
@@ -255,7 +417,7 @@ def open_dataset(spec: str, *, transform: Transform | None = None) -> Dataset[An
         raise FileNotFoundError(f"data set {path} does not exist; DATA must be {_ACCEPTED_FORMS}")
     if path.is_dir():
         try:
-            return datasets.ImageFolder(path, transform=transform)
+            return _ImageFolder(path, transform=transform)
         # ImageFolder's reasons ("Found no valid file for the classes a, b") do not name the directory
         except FileNotFoundError as error:
             raise FileNotFoundError(f"data set {path} holds no images: {str(error).rstrip('.')}; an ImageFolder "

@@ -26,7 +26,13 @@ from torchvision import transforms
 
 from ann2snn.errors import ConversionWarning
 from ann2snn.io.atomic import atomic_write
-from ann2snn.io.checkpoint import CheckpointError, fit_state_dict, read_checkpoint, state_dict_of
+from ann2snn.io.checkpoint import (
+    CheckpointError,
+    fit_state_dict,
+    read_checkpoint,
+    state_dict_mismatch,
+    state_dict_of,
+)
 from ann2snn.io.saved_network import FORMAT as SAVED_NETWORK_FORMAT
 from ann2snn.zoo import MODELS, TORCHVISION_PREFIX, TRAINED_PREPROCESSING, build_model
 
@@ -43,12 +49,15 @@ _STEM_SEPARATORS = "-_."
 
 @dataclass
 class Preprocessing:
-    """What an image goes through before the model sees it: scaled to [0, 1], resized to
-    `image_size` (C, H, W) when its height and width differ, and normalised by `mean` and `std`."""
+    """What an image goes through before the model sees it: scaled to [0, 1], checked against
+    `image_size` (C, H, W), and normalised by `mean` and `std`. An image of another size or channel count
+    is an error, unless `resize`: then it is resized (a non-square one stretched) and converted between
+    grayscale and colour (see `ann2snn.io.data.check_image_files`, which warns)."""
 
     mean: list[float] = field(default_factory=lambda: list(DEFAULT_MEAN))
     std: list[float] = field(default_factory=lambda: list(DEFAULT_STD))
     image_size: list[int] = field(default_factory=lambda: list(DEFAULT_IMAGE_SIZE))
+    resize: bool = False
 
     def __post_init__(self) -> None:
         self.mean = [float(value) for value in self.mean]
@@ -62,35 +71,53 @@ class Preprocessing:
                              f"({channels} for image size {self.image_size})")
         if min(self.std) <= 0:
             raise ValueError(f"std values must be positive, got {self.std}")
+        if not isinstance(self.resize, bool):
+            raise ValueError(f"resize must be True or False, got {self.resize!r}")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Preprocessing:
-        known = {key: values[key] for key in ("mean", "std", "image_size") if key in values}
+        known = {key: values[key] for key in ("mean", "std", "image_size", "resize") if key in values}
         return cls(**known)
 
-    def to_dict(self) -> dict[str, list]:
-        return asdict(self)
+    def to_dict(self) -> dict[str, Any]:
+        """The record a report and a saved network keep; `resize` only when set, so that records of
+        conversions that resize nothing stay as they were."""
+        record = asdict(self)
+        if not self.resize:
+            del record["resize"]
+        return record
 
     def transform(self) -> transforms.Compose:
-        return transforms.Compose([_ImageToModelInput(tuple(self.image_size)),
+        return transforms.Compose([_ImageToModelInput(tuple(self.image_size), self.resize),
                                    transforms.Normalize(self.mean, self.std)])
 
 
 class _ImageToModelInput:
     """PIL image or [C, H, W] tensor in [0, 1] -> float tensor of the model's input size."""
 
-    def __init__(self, image_size: tuple[int, int, int]):
+    def __init__(self, image_size: tuple[int, int, int], adapt: bool):
         self.image_size = image_size
+        self.adapt = adapt
 
     def __call__(self, image: Any) -> torch.Tensor:
         tensor = image if isinstance(image, torch.Tensor) else TF.to_tensor(image)
         channels, height, width = self.image_size
+        size = "x".join(map(str, tensor.shape))
+        if self.adapt and (tensor.shape[0], channels) == (1, 3):
+            tensor = tensor.expand(3, -1, -1)
+        elif self.adapt and (tensor.shape[0], channels) == (3, 1):
+            tensor = TF.rgb_to_grayscale(tensor)
         if tensor.shape[0] != channels:
             raise ValueError(
-                f"wrong input size: the data has {tensor.shape[0]}-channel images "
-                f"({'x'.join(map(str, tensor.shape))}) but the model expects {channels}x{height}x{width} inputs; "
-                "check the data, or the image size in the checkpoint's preprocessing (--image-size)")
+                f"wrong input size: the data has {tensor.shape[0]}-channel images ({size}) but the model expects "
+                f"{channels}x{height}x{width} inputs; check the data (--resize converts grayscale and colour as it is "
+                "read), or the image size in the checkpoint's preprocessing (--image-size)")
         if tuple(tensor.shape[1:]) != (height, width):
+            if not self.adapt:
+                raise ValueError(
+                    f"wrong input size: the data has {size} images but the model expects {channels}x{height}x{width} "
+                    "inputs; resize the data, pass --resize to have it resized as it is read, or set the model's "
+                    "--image-size C,H,W")
             tensor = TF.resize(tensor, [height, width], antialias=True)
         return tensor
 
@@ -164,13 +191,6 @@ def _kwargs_for(arch: str, state: Mapping[str, torch.Tensor], num_classes: int |
     return {}
 
 
-def _fits(model: nn.Module, state: Mapping[str, torch.Tensor]) -> bool:
-    expected = {key: value.shape for key, value in model.state_dict().items()
-                if not key.endswith("num_batches_tracked")}
-    given = {key: value.shape for key, value in state.items() if not key.endswith("num_batches_tracked")}
-    return expected == given
-
-
 def _stem_candidates(stem: str) -> list[str]:
     """Architecture names a file stem may denote: registry names the stem starts with (resnet56-cifar10 ->
     resnet56), torchvision models it starts with, and the registry's variants of either (resnet56_b,
@@ -203,15 +223,21 @@ def infer_arch(path: str | Path, state: Mapping[str, torch.Tensor], num_classes:
     if not candidates:
         raise CheckpointError(f"{path}: cannot tell the architecture from the file name '{stem}'; pass --arch NAME "
                               f"with NAME one of {known_architectures()}")
-    fitting = [arch for arch in candidates if _fits(_build(arch, _kwargs_for(arch, state, num_classes)), state)]
+    mismatches = {arch: state_dict_mismatch(_build(arch, _kwargs_for(arch, state, num_classes)), state)
+                  for arch in candidates}
+    fitting = [arch for arch, (misfits, _) in mismatches.items() if not misfits]
     if len(fitting) == 1:
         return fitting[0]
     if fitting:
         raise CheckpointError(f"{path}: the weights fit several architectures its file name suggests "
                               f"({', '.join(fitting)}), which have the same layers but may compute differently "
                               "(strides, padding); pass --arch NAME")
+    closest = min(candidates, key=lambda arch: mismatches[arch][0])
+    classes = f" with --num-classes {num_classes}" if num_classes is not None else ""
     raise CheckpointError(f"{path}: the weights fit none of the architectures its file name suggests "
-                          f"({', '.join(candidates)}); pass --arch NAME with NAME one of {known_architectures()}")
+                          f"({', '.join(candidates)}); the closest, {closest}{classes}, does not fit them: "
+                          f"{mismatches[closest][1]}; if the file holds another architecture, pass --arch NAME with "
+                          f"NAME one of {known_architectures()}")
 
 
 _MODE_DEPENDENT = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)

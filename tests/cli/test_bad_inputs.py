@@ -179,8 +179,9 @@ def test_calibration_data_without_images(capsys, tmp_path: Path, digits: Path) -
 
 
 def test_images_of_the_wrong_size_for_the_model(capsys, tmp_path: Path, digits: Path) -> None:
-    # the digits are resized to 4x4, which the second 3x3 convolution cannot take
-    code, _, err = run_cli(capsys, *digits_args(digits, "--out", tmp_path / "out", "--image-size", "1,4,4"))
+    # the digits are resized to 4x4 (--resize), which the second 3x3 convolution cannot take
+    code, _, err = run_cli(capsys, *digits_args(digits, "--out", tmp_path / "out", "--image-size", "1,4,4",
+                                                "--resize"))
     assert_one_line_error(code, err, 1, "wrong input size: the model rejects 1x4x4 inputs", "--image-size C,H,W")
     assert not (tmp_path / "out").exists()
 

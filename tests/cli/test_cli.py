@@ -15,7 +15,14 @@ from torch import nn
 
 import ann2snn
 from ann2snn.io.checkpoint import load_into
-from ann2snn.io.data import SHARED_ENV_VAR, cifar10_transform, make_loader, open_dataset, stratified_subset
+from ann2snn.io.data import (
+    CIFAR10_CLASSES,
+    SHARED_ENV_VAR,
+    cifar10_transform,
+    make_loader,
+    open_dataset,
+    stratified_subset,
+)
 from ann2snn.io.model_loading import Preprocessing, save_checkpoint
 from ann2snn.io.output_directory import MARKER
 from ann2snn.zoo import build_model
@@ -25,7 +32,7 @@ from tests.networks import cnn
 
 REPORT_FILES = {MARKER, "report.json", "report.md", "accuracy_vs_T.png", "spikes_per_layer.png"}
 CONVERSION_FILES = REPORT_FILES | {"snn.pt", "snn.onnx", "snn-step.onnx"}
-CLASSES = ("cat", "dog", "frog")
+CLASSES = CIFAR10_CLASSES  # a CIFAR-10 model is refused data with class folders missing
 FAST = ["--T", "4", "--T-list", "2,4", "--no-progress"]
 
 
@@ -37,7 +44,7 @@ def image_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     listed = []
     for label in CLASSES:
         (root / "test" / label).mkdir(parents=True)
-        for index in range(6):
+        for index in range(2):
             pixels = generator.integers(0, 256, (32, 32, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(root / "test" / label / f"{index}.png")
             if index % 2 == 0:
@@ -67,7 +74,7 @@ def test_convert_writes_everything_and_the_snn_reloads(capsys, image_tree: Path,
     assert f"Wrote {out}/" in stdout and "QANN" in stdout
 
     document = json.loads((out / "report.json").read_text())
-    assert document["images"] == 18 and document["T_list"] == [2, 4]
+    assert document["images"] == 20 and document["T_list"] == [2, 4]
     assert set(document["accuracy"]["snn"]) == {"2", "4"}
     assert document["accuracy"]["ann"] is not None and document["accuracy"]["qann"] is not None
     assert {"name", "neurons", "spikes_per_image", "firing_rate"} <= set(document["spikes"]["per_layer"][0])
@@ -75,7 +82,7 @@ def test_convert_writes_everything_and_the_snn_reloads(capsys, image_tree: Path,
     assert (document["config"]["T"], document["config"]["qbits"], document["config"]["neuron"],
             document["config"]["threshold_rule"]) == (4, 4, "if", "mse")
     assert document["model"]["arch"] == "resnet20" and document["model"]["arch_source"] == "checkpoint"
-    assert document["data"]["calibration"]["images"] == 18
+    assert document["data"]["calibration"]["images"] == 20
 
     saved = ann2snn.io.saved_network.load_saved(out / "snn.pt")
     assert saved.metadata["preprocessing"] == Preprocessing().to_dict()
@@ -109,7 +116,8 @@ def test_list_file_data_and_subset_sizes(capsys, image_tree: Path, resnet20_chec
                                            "--seed", 5))
     assert code == 0
     document = json.loads((out / "report.json").read_text())
-    assert document["data"]["calibration"] == {"spec": str(data), "images": 6, "available": 9, "seed": 5}
+    assert document["data"]["calibration"] == {"spec": str(data), "images": 6, "available": 10, "seed": 5,
+                                               "classes": list(CLASSES)}
     assert document["data"]["evaluation"]["images"] == document["images"] == 3
 
 
@@ -208,7 +216,7 @@ def test_inspect_lists_what_each_node_becomes(capsys, resnet20_checkpoint: Path)
 
 
 def test_unconvertible_model(capsys, image_tree: Path, tmp_path: Path) -> None:
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SiLU(), nn.Flatten(), nn.Linear(4 * 30 * 30, 3))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SiLU(), nn.Flatten(), nn.Linear(4 * 30 * 30, len(CLASSES)))
     checkpoint = tmp_path / "silu.pt"
     torch.save(model, checkpoint)
 
@@ -256,9 +264,9 @@ def test_error_wrong_input_size(capsys, resnet20_checkpoint: Path, tmp_path: Pat
     code, _, err = run(capsys, *convert_args(mnist_checkpoint(tmp_path), image_tree / "test", tmp_path / "out",
                                              "--trust-pickle", "--mean", "0.5", "--std", "0.5",
                                              "--image-size", "1", "32", "32"))
-    assert_one_line_error(code, err, 1, "the data has 3-channel images")
+    assert_one_line_error(code, err, 1, "20 of 20 images do not fit the model's 1x32x32 inputs", "(colour (RGB))")
     code, _, err = run(capsys, *convert_args(mnist_checkpoint(tmp_path), "mnist5k", tmp_path / "out", "--trust-pickle",
-                                             "--mean", "0.5", "--std", "0.5", "--image-size", "1,20,20"))
+                                             "--mean", "0.5", "--std", "0.5", "--image-size", "1,20,20", "--resize"))
     assert_one_line_error(code, err, 1, "wrong input size: the model rejects 1x20x20 inputs")
 
 

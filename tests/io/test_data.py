@@ -29,7 +29,7 @@ def tiny_image_tree(tmp_path: Path) -> Path:
         folder = data / "test" / class_name
         folder.mkdir(parents=True)
         for index in range(count):
-            # Grayscale files check the conversion to RGB.
+            # Grayscale files stay grayscale (issue 17: they were expanded to RGB silently).
             Image.new("L", (4, 4), color=index * 40).save(folder / f"{index}.png")
     (data / "subsets").mkdir()
     (data / "subsets" / "list.txt").write_text("test/zebra/1.png\ntest/ant/0.png\n\ntest/moth/0.png\ntest/ant/2.png\n")
@@ -46,17 +46,17 @@ def test_list_file_resolves_against_grandparent_and_labels_like_image_folder(tin
     assert [folder_labels[path] for path, _ in dataset.samples] == dataset.targets == [2, 0, 1, 0]
 
     image, label = dataset[0]
-    assert image.mode == "RGB" and image.size == (4, 4)
+    assert image.mode == "L" and image.size == (4, 4)
     assert label == 2
 
 
 def test_list_file_applies_transform_and_explicit_root(tiny_image_tree: Path, tmp_path: Path) -> None:
     list_file = tmp_path / "elsewhere.txt"
     list_file.write_text("test/moth/0.png\n")
-    dataset = ListFileDataset(list_file, root=tiny_image_tree, transform=cifar10_transform())
+    dataset = ListFileDataset(list_file, root=tiny_image_tree, transform=cifar10_transform([0.5], [0.25]))
 
     image, label = dataset[0]
-    assert image.shape == (3, 4, 4) and image.dtype == torch.float32
+    assert image.shape == (1, 4, 4) and image.dtype == torch.float32
     assert label == 1
 
 
@@ -162,8 +162,8 @@ def test_open_dataset_local_forms(tiny_image_tree: Path) -> None:
     image_folder = open_dataset(str(tiny_image_tree / "test"))
     assert isinstance(image_folder, ImageFolder) and len(image_folder) == 6
 
-    listed = open_dataset(str(tiny_image_tree / "subsets" / "list.txt"), transform=cifar10_transform())
-    assert isinstance(listed, ListFileDataset) and listed[0][0].shape == (3, 4, 4)
+    listed = open_dataset(str(tiny_image_tree / "subsets" / "list.txt"), transform=cifar10_transform([0.5], [0.25]))
+    assert isinstance(listed, ListFileDataset) and listed[0][0].shape == (1, 4, 4)
 
     assert isinstance(open_dataset("mnist5k"), MNIST5k)
 

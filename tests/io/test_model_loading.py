@@ -184,8 +184,12 @@ def test_preprocessing_validation_and_transform() -> None:
     with pytest.raises(ValueError, match="three positive integers"):
         Preprocessing(image_size=[32, 32])
 
-    transform = Preprocessing(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], image_size=[3, 16, 16]).transform()
     image = Image.new("RGB", (40, 30), color=(255, 0, 255))
+    # images of another size are refused, unless resize is asked for (issue 17: they were resized silently)
+    with pytest.raises(ValueError, match=r"the data has 3x30x40 images but the model expects 3x16x16 inputs"):
+        Preprocessing(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], image_size=[3, 16, 16]).transform()(image)
+    transform = Preprocessing(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], image_size=[3, 16, 16],
+                              resize=True).transform()
     tensor = transform(image)
     assert tensor.shape == (3, 16, 16)
     torch.testing.assert_close(tensor[:, 0, 0], torch.tensor([1.0, -1.0, 1.0]))
