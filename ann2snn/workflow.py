@@ -266,12 +266,12 @@ def convert_checkpoint(checkpoint: str | Path | LoadedModel, config: ConversionC
         loaded, source = load_model(checkpoint), checkpoint
     config = checkpoint_config(loaded, config, **settings)
     check_stop_when_quiet(execution, NEURON_KINDS[config.neuron.kind].coding)
+    calibration, calibration_entry = open_data(calib, loaded.preprocessing, calib_size, execution.seed)
     evaluation = None
     if eval is not None:
         evaluation = open_data(eval, loaded.preprocessing, eval_size, execution.seed)
         check_model_input(loaded.model, evaluation[0], device_of(loaded.model), labelled=True,
                           where=f"evaluation data {eval}", calibration_classes=calibration_entry.get("classes"))
-    calibration, calibration_entry = open_data(calib, loaded.preprocessing, calib_size, execution.seed)
     snn, ann = convert_loaded(loaded, calibration, config, recalibrate=recalibrate, pruning=pruning,
                               qbits_budget=qbits_budget, execution=execution, log=log)
     report = None

@@ -136,10 +136,10 @@ def model_arguments() -> argparse.ArgumentParser:
     group.add_argument("--mean", nargs="+", metavar="M", help="per-channel normalisation mean")
     group.add_argument("--std", nargs="+", metavar="S", help="per-channel normalisation std")
     group.add_argument("--image-size", nargs="+", metavar="N", help="model input size C,H,W (e.g. 3,32,32)")
-    return parser
     group.add_argument("--resize", action="store_true", default=None,
                        help="resize images of another size to the model's (stretching non-square ones) and convert "
                             "grayscale and colour to its channels, with a warning (default: such images are refused)")
+    return parser
 
 
 def conversion_arguments() -> argparse.ArgumentParser:
