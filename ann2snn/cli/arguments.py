@@ -24,7 +24,7 @@ from ann2snn.runtime.memory import MEBIBYTE
 from ann2snn.runtime.neuron_kinds import NEURON_KINDS
 from ann2snn.training.bit_allocation import read_qbits_config
 from ann2snn.training.pruning import PRUNE_MODES
-from ann2snn.workflow import Conversion, Execution, Pruning, convert_checkpoint
+from ann2snn.workflow import Conversion, Execution, Pruning, check_stop_when_quiet, convert_checkpoint
 
 PROGRAM = "ann2snn"
 DEFAULT_CALIBRATION = Path("data/cifar10/subsets/train-calib-512.txt")
@@ -369,6 +369,8 @@ def requested_conversion(args: argparse.Namespace, checkpoint: Path, evaluate: b
     settings = conversion_settings(args)
     requested_pruning = pruning(args)
     run = execution(args)
+    # before the model is loaded: the neuron kind is the command line's (a checkpoint sets only its bits)
+    check_stop_when_quiet(run, NEURON_KINDS[settings.get("neuron", NeuronConfig.kind)].coding)
     data = data_spec(args.data, DEFAULT_EVALUATION, "--data") if evaluate else None
     calib = data_spec(args.calib, DEFAULT_CALIBRATION, "--calib")
     return convert_checkpoint(load(args, checkpoint), source=checkpoint, calib=calib, eval=data,

@@ -22,6 +22,7 @@ import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 from ann2snn.cli import analyze, arguments, baseline, convert, eval, export, inspect
 from ann2snn.cli.arguments import PROGRAM, Parser, UsageError
@@ -55,6 +56,41 @@ def _one_line(error: BaseException) -> str:
     return message
 
 
+class _LineTrackingStream:
+    """A text stream that remembers whether what was written to it last ended a line: a progress bar leaves
+    the cursor on its own line (tqdm even when it clears itself), and an error or a warning printed after it
+    must start a line of its own, so that `grep '^ann2snn: error'` finds it in a log."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.at_line_start = True
+
+    def write(self, text: str) -> int:
+        if text:
+            self.at_line_start = text.endswith("\n")
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+@contextmanager
+def _tracked_stderr() -> Iterator[_LineTrackingStream]:
+    tracked = _LineTrackingStream(sys.stderr)
+    sys.stderr = tracked
+    try:
+        yield tracked
+    finally:
+        sys.stderr = tracked.stream
+
+
+def _print_line(text: str) -> None:
+    """`text` as a line of its own on stderr, after whatever a progress bar left on the current one."""
+    if not getattr(sys.stderr, "at_line_start", True):
+        text = "\n" + text
+    print(text, file=sys.stderr)
+
+
 @contextmanager
 def _warnings_as_lines() -> Iterator[None]:
     """The library's ConversionWarnings printed like errors: one line, `ann2snn: warning: <what>`."""
@@ -63,7 +99,7 @@ def _warnings_as_lines() -> Iterator[None]:
 
         def show(message, category, filename, lineno, file=None, line=None) -> None:
             if issubclass(category, ConversionWarning):
-                print(f"{PROGRAM}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+                _print_line(f"{PROGRAM}: warning: {' '.join(str(message).split())}")
             else:
                 show_other(message, category, filename, lineno, file, line)
 
@@ -93,14 +129,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_request:
         # argparse exits after --help (0) and on usage errors (2), having printed why.
         return int(exit_request.code or 0)
+    with _tracked_stderr():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         with _warnings_as_lines(), _terminate_as_interrupt():
             return args.handler(args)
     except UsageError as error:
-        print(f"{PROGRAM}: error: {_one_line(error)}", file=sys.stderr)
+        _print_line(f"{PROGRAM}: error: {_one_line(error)}")
         return 2
     except KeyboardInterrupt:
-        print(f"{PROGRAM}: interrupted", file=sys.stderr)
+        _print_line(f"{PROGRAM}: interrupted")
         return 130
     except BrokenPipeError:
         # The reader of our output went away (`ann2snn inspect ... | head`): stop quietly, and keep
@@ -108,5 +149,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except Exception as error:  # every failure becomes one line and exit code 1, as the docstring promises
-        print(f"{PROGRAM}: error: {_one_line(error)}", file=sys.stderr)
+        _print_line(f"{PROGRAM}: error: {_one_line(error)}")
         return 1

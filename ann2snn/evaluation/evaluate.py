@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import platform
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from ann2snn.distributed import reduce_over_processes, require_on_every_process, world_size
+from ann2snn.errors import ConversionWarning
 from ann2snn.evaluation.provenance import provenance
 from ann2snn.evaluation.statistics import INTERVAL_METHOD, accuracy_interval
 from ann2snn.evaluation.synops import E_AC_PJ, E_MAC_PJ, ENERGY_REFERENCE, SynapticOperationCounter
@@ -35,6 +37,8 @@ from ann2snn.runtime.memory import MEBIBYTE, PeakMemory, plan_chunk_size, simula
 from ann2snn.runtime.network import SpikingNetwork, check_steps
 
 REPORT_FORMAT = "ann2snn-report"
+# An evaluation estimated to take longer is announced with its estimate, after its first chunk of steps.
+LONG_EVALUATION_S = 600.0
 REPORT_VERSION = 1
 _PICOJOULES_PER_MICROJOULE = 1e6
 
@@ -179,6 +183,65 @@ def _time_window(snn: SpikingNetwork) -> tuple[int, int]:
     return clock.t0, clock.steps
 
 
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class _StepProgress:
+    """The evaluation's progress in image-steps (images x time steps simulated), moved after every chunk of
+    steps rather than once per batch, so that it moves (with its own estimate) even when there is one batch;
+    after the first chunk, a ConversionWarning gives the estimated duration when it exceeds LONG_EVALUATION_S."""
+
+    def __init__(self, images: int | None, steps: int, enabled: bool) -> None:
+        self.steps = steps
+        self.total = images * steps if images is not None else None
+        self.bar = tqdm(total=self.total, desc="evaluating", unit="image-step", unit_scale=True,
+                        disable=not enabled, leave=False)
+        self.start: float | None = None
+        self.done = self.batch_done = 0
+
+    def __enter__(self) -> _StepProgress:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.bar.close()
+
+    def begin_batch(self) -> None:
+        self.start = self.start or time.perf_counter()
+        self.batch_done = 0
+
+    def advance(self, image_steps: int) -> None:
+        first = self.done == 0
+        self.done += image_steps
+        self.batch_done += image_steps
+        self.bar.update(image_steps)
+        if first and self.total is not None:
+            estimate = (time.perf_counter() - self.start) * self.total / self.done
+            if estimate > LONG_EVALUATION_S:
+                warnings.warn(f"this evaluation will take about {_duration(estimate)}: {self.total // self.steps} "
+                              f"images x {self.steps} time steps, at the pace of its first {image_steps} image-steps; "
+                              "a smaller --T, --T-list or --eval-size shortens it", ConversionWarning, stacklevel=2)
+
+    def end_batch(self, images: int) -> None:
+        """A batch stopped when quiet simulated fewer steps: the bar moves to where the batch ends."""
+        remaining = images * self.steps - self.batch_done
+        if remaining > 0:
+            self.done += remaining
+            self.bar.update(remaining)
+
+
+def _images_in(loader: Iterable[Any]) -> int | None:
+    """How many images a loader yields, where it tells (a DataLoader over a sized data set)."""
+    try:
+        return len(loader.dataset)  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):
+        return None
+
+
 def _checked_batches(loader: Iterable[Any], device: torch.device,
                      reference: nn.Module) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(inputs, labels) of every batch, on `device`; a ValueError naming the batch where the inputs are not
@@ -247,8 +310,8 @@ def evaluate(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] |
                 stack.enter_context(_eval_mode(model))
         # The first batch is drawn, checked and sized before the counters start, which must not count
         # the check's trial run.
-        batches = _checked_batches(tqdm(loader, desc="evaluating", unit="batch", disable=not progress, leave=False),
-                                   device, next(model for model in (ann, qann, snn) if model is not None))
+        steps_done = stack.enter_context(_StepProgress(_images_in(loader), T_max, progress))
+        batches = _checked_batches(loader, device, next(model for model in (ann, qann, snn) if model is not None))
         first = next(batches, None)
         footprint = simulation_footprint(snn, first[0]) if first is not None and max_memory is not None else None
         first_chunk = None
@@ -275,9 +338,12 @@ def evaluate(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] |
 
             _synchronize(device)
             simulation_start = time.perf_counter()
-            result = snn.simulate(x, T_list, chunk_size=batch_chunk, stop_when_quiet=stop_when_quiet)
+            steps_done.begin_batch()
+            result = snn.simulate(x, T_list, chunk_size=batch_chunk, stop_when_quiet=stop_when_quiet,
+                                  on_chunk=steps_done.advance)
             _synchronize(device)
             snn_seconds += time.perf_counter() - simulation_start
+            steps_done.end_batch(labels.numel())
 
             for T in T_list:
                 predictions = result.outputs[T].argmax(-1)

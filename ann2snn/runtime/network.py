@@ -1,6 +1,7 @@
 """The spiking network: a converted graph plus its simulator."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -247,12 +248,14 @@ class SpikingNetwork(nn.Module):
     @torch.no_grad()
     def simulate(self, x: torch.Tensor, T_list: list[int] | None = None, *, chunk_size: int | None = None,
                  stop_when_quiet: bool = False, quiet_steps: int = 1,
-                 sub_batch: int | None = None) -> SimulationResult:
+                 sub_batch: int | None = None, on_chunk: Callable[[int], None] | None = None) -> SimulationResult:
         """Simulate max(T_list) steps on the static input batch x, the outputs at every T of T_list.
 
         The batch is simulated in sub-batches of `sub_batch` samples, each in chunks of at most
         `chunk_size` time steps folded into one body call (see `plan`); results do not depend on either.
-        With `stop_when_quiet` (accumulate coding) a sub-batch stops once all its samples are quiet."""
+        With `stop_when_quiet` (accumulate coding) a sub-batch stops once all its samples are quiet.
+        `on_chunk`, if given, is called after every chunk with the sample-steps it simulated (steps x samples),
+        for progress bars."""
         T_list = sorted(set(T_list or [self.T]))
         for T in T_list:
             check_steps("every T", T)
@@ -267,7 +270,7 @@ class SpikingNetwork(nn.Module):
             chunk_size = QUIET_CHECK_STEPS
         x = self.in_simulation_layout(x)
         samples, steps = self.plan(x, chunk_size, sub_batch)
-        parts = [self._simulate_samples(x[i:i + samples], T_list, steps, stop_when_quiet, quiet_steps)
+        parts = [self._simulate_samples(x[i:i + samples], T_list, steps, stop_when_quiet, quiet_steps, on_chunk)
                  for i in range(0, x.shape[0], samples)]
         if len(parts) == 1:
             return parts[0]
@@ -279,7 +282,7 @@ class SpikingNetwork(nn.Module):
             steps_simulated=max(part.steps_simulated for part in parts))
 
     def _simulate_samples(self, x: torch.Tensor, T_list: list[int], chunk: int, stop_when_quiet: bool,
-                          quiet_steps: int) -> SimulationResult:
+                          quiet_steps: int, on_chunk: Callable[[int], None] | None) -> SimulationResult:
         self.reset()
         self._prepare_neurons()
         batch = x.shape[0]
@@ -308,6 +311,8 @@ class SpikingNetwork(nn.Module):
                         newly = (quiet_run >= quiet_steps) & (done_at == T_list[-1])
                         done_at[newly] = t + j + 1
                 t += steps
+                if on_chunk is not None:
+                    on_chunk(steps * batch)
             outputs[T] = self.coding.read_out(total, t)
             spikes[T] = {name: n.spike_count.clone() for name, n in neurons.items() if n.spike_count is not None}
         return SimulationResult(outputs, spikes, torch.minimum(done_at, torch.tensor(t)), t)
