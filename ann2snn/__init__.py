@@ -1,29 +1,39 @@
 """ann2snn: compile trained PyTorch ANNs into equivalent spiking neural networks."""
-from ann2snn.compiler.convert import convert, convert_qann, prepare_pipeline, quantize
-from ann2snn.config import ConversionConfig, EncodingConfig, NeuronConfig, QuantizationConfig, SimulationConfig
-from ann2snn.errors import ConversionError
-from ann2snn.evaluation.evaluate import evaluate
-from ann2snn.interop.onnx import export_onnx
-from ann2snn.io.saved_network import load
-from ann2snn.runtime.network import SimulationResult, SpikingNetwork
-from ann2snn.runtime.neurons import AdaptiveNeuron, IFNeuron, LIFNeuron, SignedNeuron, SpikingNeuron
-from ann2snn.training.finetune import finetune
-from ann2snn.workflow import (
-    Conversion,
-    Execution,
-    Pruning,
-    analyze_network,
-    convert_checkpoint,
-    evaluate_saved,
-    save,
-    write_conversion,
-)
+from __future__ import annotations
 
-__all__ = [
-    "AdaptiveNeuron", "Conversion", "ConversionConfig", "ConversionError", "EncodingConfig", "Execution", "IFNeuron",
-    "LIFNeuron", "NeuronConfig", "Pruning", "QuantizationConfig", "SignedNeuron", "SimulationConfig",
-    "SimulationResult", "SpikingNetwork", "SpikingNeuron", "analyze_network", "convert", "convert_checkpoint",
-    "convert_qann", "evaluate", "evaluate_saved", "export_onnx", "finetune", "load", "prepare_pipeline", "quantize",
-    "save", "write_conversion",
-]
+import importlib
+from typing import Any
+
+# The public names and the modules that define them, imported on first use (PEP 562): `import ann2snn.cli` for
+# `ann2snn --help` must not import torch, which takes seconds.
+_DEFINED_IN = {
+    **dict.fromkeys(("convert", "convert_qann", "prepare_pipeline", "quantize"), "ann2snn.compiler.convert"),
+    **dict.fromkeys(("ConversionConfig", "EncodingConfig", "NeuronConfig", "QuantizationConfig", "SimulationConfig"),
+                    "ann2snn.config"),
+    "ConversionError": "ann2snn.errors",
+    "evaluate": "ann2snn.evaluation.evaluate",
+    "export_onnx": "ann2snn.interop.onnx",
+    "load": "ann2snn.io.saved_network",
+    **dict.fromkeys(("SimulationResult", "SpikingNetwork"), "ann2snn.runtime.network"),
+    **dict.fromkeys(("AdaptiveNeuron", "IFNeuron", "LIFNeuron", "SignedNeuron", "SpikingNeuron"),
+                    "ann2snn.runtime.neurons"),
+    "finetune": "ann2snn.training.finetune",
+    **dict.fromkeys(("Conversion", "Execution", "Pruning", "analyze_network", "convert_checkpoint", "evaluate_saved",
+                     "save", "write_conversion"), "ann2snn.workflow"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _DEFINED_IN:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_DEFINED_IN[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_DEFINED_IN})
+
+
+__all__ = sorted(_DEFINED_IN)
 __version__ = "0.1.0"

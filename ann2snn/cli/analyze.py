@@ -6,9 +6,6 @@ from pathlib import Path
 
 from ann2snn.cli import arguments
 from ann2snn.cli.arguments import DEFAULT_CALIBRATION
-from ann2snn.distributed import is_main_process
-from ann2snn.evaluation.analysis import analysis_summary, write_analysis
-from ann2snn.workflow import SNN_FILE, analyze_network, is_saved_conversion, load_conversion
 
 
 def add_parser(commands: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
@@ -28,6 +25,8 @@ def add_parser(commands: argparse._SubParsersAction, parents: list[argparse.Argu
 
 def default_output(target: Path, saved: bool) -> Path:
     """Where the analysis of `target` goes without --out (see the option's help)."""
+    from ann2snn.workflow import SNN_FILE
+
     if not saved:
         return Path(f"{target.stem}-analysis")
     if target.is_dir() or target.name == SNN_FILE:
@@ -40,6 +39,10 @@ def default_output(target: Path, saved: bool) -> Path:
 
 @arguments.data_parallel
 def run(args: argparse.Namespace) -> int:
+    from ann2snn.distributed import is_main_process
+    from ann2snn.evaluation.analysis import analysis_summary, write_analysis
+    from ann2snn.workflow import analyze_network, is_saved_conversion, load_conversion
+
     saved = is_saved_conversion(args.target)
     out = args.out or default_output(args.target, saved)
     with arguments.output_claim(out, args.force, "analyze", args.target) as claim:

@@ -9,28 +9,24 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import torch
+from ann2snn.cli import vocabulary
+from ann2snn.cli.vocabulary import ADAPTIVE, ADAPTIVE_OPTIONS, config_default
 
-from ann2snn.compiler.observers import THRESHOLD_RULES
-from ann2snn.config import ConversionConfig, NeuronConfig
-from ann2snn.distributed import DEFAULT_TIMEOUT, is_distributed, is_main_process, process_group
-from ann2snn.io.data import shared_dir
-from ann2snn.io.model_loading import LoadedModel, load_model
-from ann2snn.io.output_directory import OutputClaim, OutputRefused, claimed_output
-from ann2snn.runtime.encoding import ENCODINGS
-from ann2snn.runtime.memory import MEBIBYTE
-from ann2snn.runtime.neuron_kinds import NEURON_KINDS
-from ann2snn.training.bit_allocation import read_qbits_config
-from ann2snn.training.pruning import PRUNE_MODES
-from ann2snn.workflow import Conversion, Execution, Pruning, check_stop_when_quiet, convert_checkpoint
+# The definitions import nothing that imports torch (see ann2snn.cli.vocabulary): `--help` answers at once.
+# What the arguments mean is worked out by functions that import the library when they run.
+if TYPE_CHECKING:
+    import torch
+
+    from ann2snn.io.model_loading import LoadedModel
+    from ann2snn.io.output_directory import OutputClaim
+    from ann2snn.workflow import Conversion, Execution, Pruning
 
 PROGRAM = "ann2snn"
 DEFAULT_CALIBRATION = Path("data/cifar10/subsets/train-calib-512.txt")
 DEFAULT_EVALUATION = Path("data/cifar10/subsets/test-1000.txt")
 DEFAULT_TRAINING = Path("data/cifar10/train")
-ADAPTIVE = "adaptive"
 
 
 class UsageError(Exception):
@@ -120,10 +116,6 @@ def numbers(tokens: Sequence[str] | None, kind: type) -> list | None:
 # ---------------------------------------------------------------------------------------------------
 # Argument groups
 
-DEFAULTS = ConversionConfig()
-ADAPTIVE_OPTIONS = NEURON_KINDS[ADAPTIVE].options
-
-
 def model_arguments() -> argparse.ArgumentParser:
     parser = _parents()
     group = parser.add_argument_group("model")
@@ -146,26 +138,31 @@ def conversion_arguments() -> argparse.ArgumentParser:
     """The options of a conversion; every default is None here (see the module docstring)."""
     parser = _parents()
     group = parser.add_argument_group("conversion")
-    group.add_argument("--T", type=positive_int, help=f"time steps the SNN simulates (default {DEFAULTS.simulation.T})")
+    group.add_argument("--T", type=positive_int, help="time steps the SNN simulates (default "
+                            f"{config_default('SimulationConfig', 'T')})")
     group.add_argument("--qbits", type=_bits, help="activation quantization bits, 1..8 (default: the bits a "
-                       f"fine-tuned checkpoint was trained at, else {DEFAULTS.quantization.qbits})")
+                       f"fine-tuned checkpoint was trained at, else {config_default('QuantizationConfig', 'qbits')})")
     group.add_argument("--recalibrate", action="store_true", default=None,
                        help="calibrate thresholds even when the checkpoint has fine-tuned ones")
-    group.add_argument("--neuron", choices=NEURON_KINDS,
-                       help=f"spiking neuron model (default {DEFAULTS.neuron.kind}: integrate-and-fire)")
-    group.add_argument("--threshold-rule", choices=THRESHOLD_RULES,
-                       help=f"how thresholds are calibrated (default {DEFAULTS.quantization.threshold_rule})")
+    group.add_argument("--neuron", choices=vocabulary.NEURON_KINDS,
+                       help=f"spiking neuron model (default {config_default('NeuronConfig', 'kind')}: "
+                            "integrate-and-fire)")
+    group.add_argument("--threshold-rule", choices=vocabulary.THRESHOLD_RULES,
+                       help="how thresholds are calibrated (default "
+                            f"{config_default('QuantizationConfig', 'threshold_rule')})")
     group.add_argument("--percentile", type=_percentile,
-                       help=f"for --threshold-rule percentile (default {DEFAULTS.quantization.percentile})")
+                       help="for --threshold-rule percentile (default "
+                            f"{config_default('QuantizationConfig', 'percentile')})")
     group.add_argument("--per-channel", action="store_true", default=None, help="one threshold per channel")
     group.add_argument("--max-spikes-per-step", type=positive_int,
-                       help=f"bursts of up to N spikes per step (default {DEFAULTS.neuron.max_spikes_per_step})")
-    group.add_argument("--encoding", choices=ENCODINGS,
+                       help="bursts of up to N spikes per step (default "
+                            f"{config_default('NeuronConfig', 'max_spikes_per_step')})")
+    group.add_argument("--encoding", choices=vocabulary.ENCODINGS,
                        help="how the image reaches the first layer: direct (the analog image, default), poisson "
                             "(random spikes of the pixel intensity's rate) or regular (evenly spaced spikes); "
                             "spike encodings need rate-coded neurons")
     group.add_argument("--encoding-seed", type=int, metavar="N",
-                       help=f"seed of --encoding poisson (default {DEFAULTS.encoding.seed})")
+                       help=f"seed of --encoding poisson (default {config_default('EncodingConfig', 'seed')})")
     group.add_argument("--adapt-increase", type=_adapt_increase, metavar="A",
                        help="--neuron adaptive: threshold increase per spike, in thresholds (default "
                             f"{ADAPTIVE_OPTIONS['adapt_increase']})")
@@ -187,7 +184,7 @@ def conversion_arguments() -> argparse.ArgumentParser:
     research.add_argument("--prune", type=_fraction, metavar="FRACTION",
                           help="prune this fraction of the weights (magnitude) or of each convolution's channels "
                                "(channel) before converting")
-    research.add_argument("--prune-mode", choices=PRUNE_MODES,
+    research.add_argument("--prune-mode", choices=vocabulary.PRUNE_MODES,
                           help="magnitude: global L1 over conv/linear weights (default); channel: the weakest output "
                                "channels of every convolution, with their bias and BatchNorm")
     research.add_argument("--prune-finetune-epochs", type=positive_int, metavar="N",
@@ -225,9 +222,9 @@ def run_arguments() -> argparse.ArgumentParser:
                        help="replace an existing output directory that ann2snn wrote (its .ann2snn-output marker "
                             "lists every file in it); any other directory is refused")
     group.add_argument("--dist-timeout", type=positive_int, metavar="SECONDS",
-                       default=int(DEFAULT_TIMEOUT.total_seconds()),
+                       default=int(vocabulary.DEFAULT_DIST_TIMEOUT.total_seconds()),
                        help="under torchrun: how long a process waits for the others in a collective before "
-                            f"failing (default {int(DEFAULT_TIMEOUT.total_seconds())})")
+                            f"failing (default {int(vocabulary.DEFAULT_DIST_TIMEOUT.total_seconds())})")
     return parser
 
 
@@ -240,6 +237,8 @@ def add_data_argument(parser: argparse.ArgumentParser, default: Path, what: str)
 
 
 def device(choice: str) -> torch.device:
+    import torch
+
     if choice == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: CUDA is not available on this machine (torch "
                          f"{torch.__version__}); use --device cpu")
@@ -252,12 +251,18 @@ def data_parallel(command: Callable[[argparse.Namespace], int]) -> Callable[[arg
     prints and writes the outputs (see ann2snn.distributed)."""
     @functools.wraps(command)
     def run(args: argparse.Namespace) -> int:
+        from ann2snn.distributed import process_group
+
         with process_group(device(args.device), timedelta(seconds=args.dist_timeout)):
             return command(args)
     return run
 
 
 def execution(args: argparse.Namespace) -> Execution:
+    from ann2snn.distributed import is_main_process
+    from ann2snn.runtime.memory import MEBIBYTE
+    from ann2snn.workflow import Execution
+
     return Execution(batch_size=args.batch_size, seed=args.seed, device=device(args.device),
                      progress=not args.no_progress and is_main_process(), stop_when_quiet=args.stop_when_quiet,
                      max_memory=int(args.max_memory * MEBIBYTE) if args.max_memory is not None else None)
@@ -270,6 +275,8 @@ def preprocessing_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def data_spec(given: str | None, default: Path, option: str) -> str:
+    from ann2snn.io.data import shared_dir
+
     if given is not None:
         return given
     path = shared_dir() / default
@@ -279,6 +286,8 @@ def data_spec(given: str | None, default: Path, option: str) -> str:
 
 
 def load(args: argparse.Namespace, checkpoint: Path) -> LoadedModel:
+    from ann2snn.io.model_loading import load_model
+
     return load_model(checkpoint, arch=args.arch, num_classes=args.num_classes,
                       preprocessing=preprocessing_overrides(args), trust_pickle=args.trust_pickle)
 
@@ -288,6 +297,9 @@ def output_claim(out: Path | None, force: bool, command: str, reads: Path) -> It
     """The output directory `out` claimed before any work (see ann2snn.io.output_directory), or a usage error
     that says why it cannot be; None when there is no `out`. `reads` is what the command reads, which the
     output must not hold."""
+    from ann2snn.distributed import is_main_process
+    from ann2snn.io.output_directory import OutputRefused, claimed_output
+
     # Under torchrun only the first process writes; the others' file systems do not matter.
     if out is None or not is_main_process():
         yield None
@@ -312,6 +324,8 @@ def refuse_conversion_options(args: argparse.Namespace, target: Path) -> None:
 def _requested_bits(args: argparse.Namespace) -> int | dict[str, int] | None:
     """The bits the command line sets (see ann2snn.compiler.qbits): --qbits-config, then --qbits as
     'default' and --qbits-first-last as 'first' and 'last'; None when it sets none."""
+    from ann2snn.training.bit_allocation import read_qbits_config
+
     requested = read_qbits_config(args.qbits_config) if args.qbits_config is not None else {}
     if args.qbits is not None:
         requested["default"] = args.qbits
@@ -328,7 +342,7 @@ def _requested_bits(args: argparse.Namespace) -> int | dict[str, int] | None:
 def _neuron_options(args: argparse.Namespace) -> dict[str, float] | None:
     """The adaptive neuron's options, defaults spelled out so that the report shows them; refused for other
     neurons, which would ignore them."""
-    kind = args.neuron or NeuronConfig.kind
+    kind = args.neuron or config_default("NeuronConfig", "kind")
     if kind != ADAPTIVE:
         if args.adapt_increase is not None or args.adapt_decay is not None:
             raise UsageError(f"--adapt-increase and --adapt-decay are options of --neuron adaptive, not of --neuron "
@@ -345,12 +359,17 @@ def conversion_settings(args: argparse.Namespace) -> dict[str, Any]:
              "max_spikes_per_step": args.max_spikes_per_step, "neuron_options": _neuron_options(args),
              "threshold_rule": args.threshold_rule, "percentile": args.percentile, "per_channel": args.per_channel,
              "encoding": args.encoding, "encoding_seed": args.encoding_seed}
+    from ann2snn.config import ConversionConfig
+
     settings = {key: value for key, value in given.items() if value is not None}
     ConversionConfig.from_dict(settings)
     return settings
 
 
 def pruning(args: argparse.Namespace) -> Pruning | None:
+    from ann2snn.distributed import is_distributed
+    from ann2snn.workflow import Pruning
+
     if args.prune is None:
         if args.prune_mode or args.prune_finetune_epochs or args.prune_finetune_data:
             raise UsageError("--prune-mode, --prune-finetune-epochs and --prune-finetune-data need --prune FRACTION")
@@ -361,16 +380,21 @@ def pruning(args: argparse.Namespace) -> Pruning | None:
             raise UsageError("--prune-finetune-epochs trains in one process: fine-tune without torchrun, or convert "
                              "a pruned checkpoint")
         finetune_data = data_spec(args.prune_finetune_data, DEFAULT_TRAINING, "--prune-finetune-data")
-    return Pruning(args.prune, args.prune_mode or PRUNE_MODES[0], args.prune_finetune_epochs or 0, finetune_data)
+    return Pruning(args.prune, args.prune_mode or vocabulary.PRUNE_MODES[0], args.prune_finetune_epochs or 0,
+                   finetune_data)
 
 
 def requested_conversion(args: argparse.Namespace, checkpoint: Path, evaluate: bool = True) -> Conversion:
     """The conversion of `checkpoint` the arguments ask for, evaluated on --data unless not `evaluate`."""
+    from ann2snn.runtime.neuron_kinds import NEURON_KINDS
+    from ann2snn.workflow import check_stop_when_quiet, convert_checkpoint
+
     settings = conversion_settings(args)
     requested_pruning = pruning(args)
     run = execution(args)
     # before the model is loaded: the neuron kind is the command line's (a checkpoint sets only its bits)
-    check_stop_when_quiet(run, NEURON_KINDS[settings.get("neuron", NeuronConfig.kind)].coding)
+    kind = settings.get("neuron", config_default("NeuronConfig", "kind"))
+    check_stop_when_quiet(run, NEURON_KINDS[kind].coding)
     data = data_spec(args.data, DEFAULT_EVALUATION, "--data") if evaluate else None
     calib = data_spec(args.calib, DEFAULT_CALIBRATION, "--calib")
     return convert_checkpoint(load(args, checkpoint), source=checkpoint, calib=calib, eval=data,

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ann2snn import baselines
 from ann2snn.cli import arguments
 from ann2snn.cli.arguments import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, PROGRAM, UsageError
 from ann2snn.evaluation.regression import (
@@ -17,7 +16,6 @@ from ann2snn.evaluation.regression import (
     measurement,
     write_baselines,
 )
-from ann2snn.workflow import Execution
 
 
 def add_parser(commands: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
@@ -68,6 +66,8 @@ def _entry_names(args: argparse.Namespace, settings: dict) -> list[str]:
 
 
 def run_record(args: argparse.Namespace) -> int:
+    from ann2snn import baselines
+
     settings = arguments.conversion_settings(args)
     names = _entry_names(args, settings)
     missing = [str(path) for path in args.checkpoints if not path.is_file()]
@@ -116,6 +116,9 @@ def _table_of_values(rows: list[Comparison]) -> str:
 
 def _measure_all(args: argparse.Namespace) -> tuple[dict, dict]:
     """The baselines file and the report of every entry asked for, measured anew."""
+    from ann2snn import baselines
+    from ann2snn.workflow import Execution
+
     document = baselines.read(args.file)
     names = baselines.entries(document, args.only)
     base = args.file.absolute().parent
@@ -127,6 +130,8 @@ def _measure_all(args: argparse.Namespace) -> tuple[dict, dict]:
 
 
 def run_check(args: argparse.Namespace) -> int:
+    from ann2snn import baselines
+
     document, measured = _measure_all(args)
     rows = baselines.comparisons(document, {name: measurement(report) for name, report in measured.items()})
     print(format_table(rows))
@@ -141,6 +146,8 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_update(args: argparse.Namespace) -> int:
+    from ann2snn import baselines
+
     document, measured = _measure_all(args)
     rows = baselines.comparisons(document, {name: measurement(report) for name, report in measured.items()})
     print(format_table(rows))

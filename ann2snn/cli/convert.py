@@ -6,9 +6,6 @@ from pathlib import Path
 
 from ann2snn.cli import arguments
 from ann2snn.cli.arguments import DEFAULT_EVALUATION
-from ann2snn.distributed import is_main_process
-from ann2snn.evaluation.report import summary
-from ann2snn.workflow import write_conversion
 
 
 def add_parser(commands: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
@@ -25,6 +22,10 @@ def add_parser(commands: argparse._SubParsersAction, parents: list[argparse.Argu
 
 @arguments.data_parallel
 def run(args: argparse.Namespace) -> int:
+    from ann2snn.distributed import is_main_process
+    from ann2snn.evaluation.report import summary
+    from ann2snn.workflow import write_conversion
+
     out = args.out or Path(f"{args.checkpoint.stem}-snn")
     with arguments.output_claim(out, args.force, "convert", args.checkpoint) as claim:
         conversion = arguments.requested_conversion(args, args.checkpoint)

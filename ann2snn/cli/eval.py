@@ -6,9 +6,6 @@ from pathlib import Path
 
 from ann2snn.cli import arguments
 from ann2snn.cli.arguments import DEFAULT_EVALUATION
-from ann2snn.distributed import is_main_process
-from ann2snn.evaluation.report import summary, write_report
-from ann2snn.workflow import evaluate_saved, is_saved_conversion
 
 
 def add_parser(commands: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
@@ -23,6 +20,9 @@ def add_parser(commands: argparse._SubParsersAction, parents: list[argparse.Argu
 
 @arguments.data_parallel
 def run(args: argparse.Namespace) -> int:
+    from ann2snn.distributed import is_main_process
+    from ann2snn.evaluation.report import summary, write_report
+
     with arguments.output_claim(args.out, args.force, "eval", args.target) as claim:
         document = _evaluated(args)
         if not is_main_process():
@@ -39,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _evaluated(args: argparse.Namespace) -> dict:
     """The report document of the target: a saved conversion evaluated, or a checkpoint converted and evaluated."""
+    from ann2snn.workflow import evaluate_saved, is_saved_conversion
+
     if not is_saved_conversion(args.target):
         return arguments.requested_conversion(args, args.target).report
     arguments.refuse_conversion_options(args, args.target)

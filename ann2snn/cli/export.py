@@ -6,19 +6,16 @@ from pathlib import Path
 
 from ann2snn.cli import arguments
 from ann2snn.cli.arguments import PROGRAM, UsageError
-from ann2snn.interop.onnx import FILE_NAMES, FORMATS, write_onnx_files
-from ann2snn.io.output_directory import OutputRefused, check_files_replaceable, record_files
-from ann2snn.io.saved_network import load_saved
-from ann2snn.workflow import saved_network_file
+from ann2snn.cli.vocabulary import ONNX_FILE_NAMES, ONNX_FORMATS
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "export", help="write ONNX models of a conversion",
         description="Write ONNX models of the conversion in DIR (or of an snn.pt file) beside it: "
-                    + ", ".join(f"{name} ({f})" for f, name in FILE_NAMES.items()) + ".")
+                    + ", ".join(f"{name} ({f})" for f, name in ONNX_FILE_NAMES.items()) + ".")
     parser.add_argument("target", type=Path, metavar="DIR-or-FILE")
-    parser.add_argument("--format", choices=(*FORMATS, "all"), default="all",
+    parser.add_argument("--format", choices=(*ONNX_FORMATS, "all"), default="all",
                         help="single-step: one step, state in and out; t-step: the whole simulation in a Loop; "
                              "qann: the quantized ANN (default all)")
     parser.add_argument("--T", type=arguments.positive_int,
@@ -34,6 +31,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ann2snn.interop.onnx import FILE_NAMES, FORMATS, write_onnx_files
+    from ann2snn.io.output_directory import OutputRefused, check_files_replaceable, record_files
+    from ann2snn.io.saved_network import load_saved
+    from ann2snn.workflow import saved_network_file
+
     saved_file = saved_network_file(args.target)
     out = args.out or saved_file.parent
     formats = FORMATS if args.format == "all" else (args.format,)

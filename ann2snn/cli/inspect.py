@@ -4,15 +4,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-
-import torch.fx as fx
+from typing import TYPE_CHECKING
 
 from ann2snn.cli import arguments
 from ann2snn.cli.arguments import PROGRAM
-from ann2snn.compiler.ops import Role, role_of
-from ann2snn.compiler.passes.check_supported import unsupported_reason
-from ann2snn.errors import target_name
-from ann2snn.workflow import traced_for_inspection
+
+if TYPE_CHECKING:
+    import torch.fx as fx
 
 
 def add_parser(commands: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
@@ -26,6 +24,8 @@ def add_parser(commands: argparse._SubParsersAction, parents: list[argparse.Argu
 
 def _becomes(gm: fx.GraphModule, node: fx.Node) -> str:
     """What the conversion makes of a supported node."""
+    from ann2snn.compiler.ops import Role, role_of
+
     if node.op == "placeholder":
         return "input: analog image, fed to the first layers directly"
     if node.op == "output":
@@ -48,6 +48,10 @@ def _becomes(gm: fx.GraphModule, node: fx.Node) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ann2snn.compiler.passes.check_supported import unsupported_reason
+    from ann2snn.errors import target_name
+    from ann2snn.workflow import traced_for_inspection
+
     loaded = arguments.load(args, args.checkpoint)
     gm = traced_for_inspection(loaded)
     rows, unsupported = [], 0

@@ -24,15 +24,18 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from ann2snn import __version__
 from ann2snn.cli import analyze, arguments, baseline, convert, eval, export, inspect
 from ann2snn.cli.arguments import PROGRAM, Parser, UsageError
-from ann2snn.distributed import is_distributed, rank, world_size
-from ann2snn.errors import ConversionError, ConversionWarning
+
+# Nothing imported here imports torch: `--help` and `--version` answer at once; the commands import the library
+# when they run.
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog=PROGRAM, description="Compile trained PyTorch ANNs into spiking neural networks, and "
                                               "measure them.")
+    parser.add_argument("--version", action="version", version=f"{PROGRAM} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     model = arguments.model_arguments()
     converting = [model, arguments.conversion_arguments(), arguments.run_arguments()]
@@ -47,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _one_line(error: BaseException) -> str:
     message = " ".join(str(error).split()) or type(error).__name__
+    from ann2snn.distributed import is_distributed, rank, world_size
+    from ann2snn.errors import ConversionError
+
     if isinstance(error, ConversionError):
         message += f" (`{PROGRAM} inspect CHECKPOINT` lists every node and what it becomes)"
     elif not isinstance(error, (ValueError, OSError, UsageError)):
@@ -94,6 +100,8 @@ def _print_line(text: str) -> None:
 @contextmanager
 def _warnings_as_lines() -> Iterator[None]:
     """The library's ConversionWarnings printed like errors: one line, `ann2snn: warning: <what>`."""
+    from ann2snn.errors import ConversionWarning
+
     with warnings.catch_warnings():
         show_other = warnings.showwarning
 

@@ -5,6 +5,8 @@ will be long, and a start-up that does not import torch for --help and --version
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -161,3 +163,53 @@ def test_the_default_T_list_doubles_T_only_while_that_is_cheap() -> None:
     assert default_T_list(32) == [8, 16, 32, 64]
     assert default_T_list(256) == [64, 128, 256, 512]
     assert default_T_list(100000) == [25000, 50000, 100000]
+
+
+def run_python(code: str) -> str:
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=REPOSITORY)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["convert", "--help"], ["eval", "--help"], ["--version"]],
+                         ids=["help", "convert-help", "eval-help", "version"])
+def test_help_and_version_do_not_import_torch(argv: list[str]) -> None:
+    """--help took 15 s and 850 MB: torch was imported before argparse ran."""
+    output = run_python("import contextlib, io, sys\n"
+                        "from ann2snn.cli.main import main\n"
+                        "printed = io.StringIO()\n"
+                        "with contextlib.redirect_stdout(printed):\n"
+                        f"    code = main({argv!r})\n"
+                        "print(code, 'torch' in sys.modules, repr(printed.getvalue()))")
+    code, torch_imported, printed = output.split(" ", 2)
+    assert (code, torch_imported) == ("0", "False"), printed
+    if argv == ["--version"]:
+        assert printed.strip() == repr(f"ann2snn {ann2snn.__version__}\n")
+
+
+def test_the_vocabulary_the_options_offer_is_the_library_s() -> None:
+    """The options read their choices and defaults from the library's source (ann2snn.cli.vocabulary)."""
+    from ann2snn import config, distributed
+    from ann2snn.cli import vocabulary
+    from ann2snn.compiler.observers import THRESHOLD_RULES
+    from ann2snn.interop.onnx import FILE_NAMES, FORMATS
+    from ann2snn.runtime.encoding import ENCODINGS
+    from ann2snn.runtime.neuron_kinds import NEURON_KINDS
+    from ann2snn.training.pruning import PRUNE_MODES
+
+    assert vocabulary.NEURON_KINDS == tuple(NEURON_KINDS)
+    assert vocabulary.ADAPTIVE_OPTIONS == NEURON_KINDS[vocabulary.ADAPTIVE].options
+    assert vocabulary.THRESHOLD_RULES == tuple(THRESHOLD_RULES)
+    assert (vocabulary.ENCODINGS, vocabulary.PRUNE_MODES) == (ENCODINGS, PRUNE_MODES)
+    assert (vocabulary.ONNX_FORMATS, vocabulary.ONNX_FILE_NAMES) == (FORMATS, FILE_NAMES)
+    assert vocabulary.DEFAULT_DIST_TIMEOUT == distributed.DEFAULT_TIMEOUT
+    defaults = config.ConversionConfig()
+    for part, field, value in [("SimulationConfig", "T", defaults.simulation.T),
+                               ("QuantizationConfig", "qbits", defaults.quantization.qbits),
+                               ("QuantizationConfig", "threshold_rule", defaults.quantization.threshold_rule),
+                               ("QuantizationConfig", "percentile", defaults.quantization.percentile),
+                               ("NeuronConfig", "kind", defaults.neuron.kind),
+                               ("NeuronConfig", "max_spikes_per_step", defaults.neuron.max_spikes_per_step),
+                               ("EncodingConfig", "seed", defaults.encoding.seed)]:
+        assert vocabulary.config_default(part, field) == value, (part, field)

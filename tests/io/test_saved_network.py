@@ -67,7 +67,7 @@ def test_loads_without_the_model_code(tmp_path: Path, converted) -> None:
     script = textwrap.dedent(f"""
         import sys
         import torch
-        import ann2snn
+        import ann2snn.io.saved_network
 
         class NoModelCode:
             def find_spec(self, name, path=None, target=None):
