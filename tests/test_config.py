@@ -21,7 +21,10 @@ from ann2snn.config import (
 def test_defaults_are_todays():
     config = ConversionConfig()
     assert config.to_dict() == {"T": 32, "neuron": "if", "max_spikes_per_step": 1, "neuron_options": {},
-                                "encoding": "direct", "qbits": 4, "threshold_rule": "mse", "per_channel": False}
+                                "encoding": "direct", "qbits": 4, "threshold_rule": "mse", "per_channel": False,
+                                "threshold_levels": "bits", "snn_calibration": "none"}
+    assert config.threshold_levels is None
+    assert ConversionConfig.from_dict({"threshold_levels": "steps", "T": 8}).threshold_levels == 8
     assert (config.quantization.percentile, config.encoding.seed, config.simulation.chunk_size) == (99.99, 0, None)
 
 
@@ -34,7 +37,9 @@ def test_defaults_are_todays():
      "input_mean": [0.485, 0.456, 0.406], "input_std": [0.229, 0.224, 0.225]},
     {"neuron": "signed", "max_spikes_per_step": 4, "threshold_rule": "max"},
     {"neuron": "signed-rate", "encoding": "regular"},
-], ids=["defaults", "quantization", "lif", "poisson", "signed", "regular"])
+    {"threshold_levels": "steps", "snn_calibration": "bias"},
+    {"T": 8, "snn_calibration": "bias", "snn_calibration_images": 16},
+], ids=["defaults", "quantization", "lif", "poisson", "signed", "regular", "uncalibrated", "calibration images"])
 def test_record_round_trip_is_exact(record):
     config = ConversionConfig.from_dict(record)
     written = config.to_dict()
@@ -50,7 +55,13 @@ def test_record_keeps_reports_key_order_and_leaves_out_what_does_not_apply():
     assert list(config.to_dict().items()) == [
         ("T", 32), ("neuron", "signed-rate"), ("max_spikes_per_step", 1), ("neuron_options", {}),
         ("encoding", "direct"), ("qbits", 4), ("threshold_rule", "percentile"), ("per_channel", True),
-        ("percentile", 99.99)]
+        ("percentile", 99.99), ("threshold_levels", "bits"), ("snn_calibration", "none")]
+    # SNN calibration does not apply to accumulate coding (signed neurons equal the QANN), nor its images
+    # without a method
+    signed = ConversionConfig.from_dict({"neuron": "signed", "threshold_levels": "steps", "snn_calibration": "bias"})
+    assert signed == ConversionConfig.from_dict({"neuron": "signed"}) and "snn_calibration" not in signed.to_dict()
+    assert "snn_calibration_images" not in ConversionConfig.from_dict(
+        {"snn_calibration": "none", "snn_calibration_images": 9}).to_dict()
     # a percentile under another rule, a seed without Poisson spikes, a normalisation without spikes: ignored
     ignored = ConversionConfig.from_dict({"threshold_rule": "mse", "percentile": 50.0, "encoding_seed": 3,
                                           "input_mean": [0.5], "input_std": [0.2]})
@@ -78,6 +89,9 @@ def test_normalisation_is_held_as_the_encoder_holds_it():
     ({"threshold_rule": "percentile", "percentile": 100.5}, "percentile must be in (0, 100]"),
     ({"per_channel": "yes"}, "per_channel must be True or False"),
     ({"neuron": "izhikevich"}, "unknown neuron 'izhikevich'"),
+    ({"threshold_levels": "many"}, "unknown threshold levels 'many'; choose one of ('steps', 'bits')"),
+    ({"snn_calibration": "fancy"}, "unknown SNN calibration 'fancy'; choose one of ('none', 'bias')"),
+    ({"snn_calibration_images": 0}, "the number of SNN calibration images must be a positive integer, got 0"),
     ({"max_spikes_per_step": 0}, "max_spikes_per_step must be a positive integer, got 0"),
     ({"max_spikes_per_step": True}, "max_spikes_per_step must be a positive integer"),
     ({"neuron": "if", "neuron_options": {"decay": 0.9}}, "neuron 'if' has no option 'decay'; it takes no options"),

@@ -154,6 +154,16 @@ def conversion_arguments() -> argparse.ArgumentParser:
                        help="for --threshold-rule percentile (default "
                             f"{config_default('QuantizationConfig', 'percentile')})")
     group.add_argument("--per-channel", action="store_true", default=None, help="one threshold per channel")
+    group.add_argument("--threshold-levels", choices=vocabulary.THRESHOLD_LEVELS,
+                       help="rate-coded neurons: choose thresholds for the T levels a neuron resolves in T steps "
+                            "(steps) or for the QANN's 2**qbits - 1 (bits, default)")
+    group.add_argument("--snn-calibration", choices=vocabulary.SPIKING_CALIBRATIONS,
+                       help="rate-coded neurons: after conversion, correct each layer's bias so that its mean "
+                            "firing rate matches the ANN's activation, layer by layer (bias), or not "
+                            "(none, default)")
+    group.add_argument("--snn-calibration-images", type=positive_int, metavar="N",
+                       help=f"calibration images the SNN calibration simulates (default "
+                            f"{config_default('SpikingCalibrationConfig', 'images')})")
     group.add_argument("--max-spikes-per-step", type=positive_int,
                        help="bursts of up to N spikes per step (default "
                             f"{config_default('NeuronConfig', 'max_spikes_per_step')})")
@@ -358,7 +368,9 @@ def conversion_settings(args: argparse.Namespace) -> dict[str, Any]:
     given = {"qbits": _requested_bits(args), "T": args.T, "chunk_size": args.chunk_size, "neuron": args.neuron,
              "max_spikes_per_step": args.max_spikes_per_step, "neuron_options": _neuron_options(args),
              "threshold_rule": args.threshold_rule, "percentile": args.percentile, "per_channel": args.per_channel,
-             "encoding": args.encoding, "encoding_seed": args.encoding_seed}
+             "encoding": args.encoding, "encoding_seed": args.encoding_seed,
+             "threshold_levels": args.threshold_levels, "snn_calibration": args.snn_calibration,
+             "snn_calibration_images": args.snn_calibration_images}
     from ann2snn.config import ConversionConfig
 
     settings = {key: value for key, value in given.items() if value is not None}

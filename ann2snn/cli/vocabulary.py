@@ -133,3 +133,8 @@ ONNX_FILE_NAMES: dict[str, str] = _read(lambda: _resolve("ann2snn.interop.onnx",
                                         lambda: dict(_library("ann2snn.interop.onnx").FILE_NAMES))
 DEFAULT_DIST_TIMEOUT: datetime.timedelta = _read(lambda: _resolve("ann2snn.distributed", "DEFAULT_TIMEOUT"),
                                                  lambda: _library("ann2snn.distributed").DEFAULT_TIMEOUT)
+THRESHOLD_LEVELS: tuple[str, ...] = _read(lambda: _resolve("ann2snn.config", "THRESHOLD_LEVELS"),
+                                          lambda: tuple(_library("ann2snn.config").THRESHOLD_LEVELS))
+_SPIKING = "ann2snn.compiler.passes.calibrate_spiking"
+SPIKING_CALIBRATIONS: tuple[str, ...] = _read(lambda: _keys(_SPIKING, "SPIKING_CALIBRATIONS"),
+                                              lambda: tuple(_library(_SPIKING).SPIKING_CALIBRATIONS))

@@ -2,19 +2,23 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import warnings
 from collections.abc import Mapping
 from functools import partial
 from typing import Any, Iterable
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from ann2snn.compiler import passes
+from ann2snn.compiler.graph_utils import floating_dtype
 from ann2snn.compiler.pass_manager import PassManager
 from ann2snn.compiler.passes import (
     balance_thresholds,
+    calibrate_spiking,
     calibrate_thresholds,
     emit_neurons,
     insert_encoder,
@@ -24,6 +28,7 @@ from ann2snn.compiler.passes import (
     set_thresholds,
     trace,
 )
+from ann2snn.compiler.passes.calibrate_spiking import NO_CALIBRATION
 from ann2snn.compiler.qbits import QBits, quantizer_bits
 from ann2snn.config import ConversionConfig, QuantizationConfig, quantization_config
 from ann2snn.errors import ConversionWarning
@@ -31,6 +36,9 @@ from ann2snn.io.batches import batch_input, check_input_batch, check_model_accep
 from ann2snn.runtime.encoding import SPIKE_ENCODINGS, InputEncoder
 from ann2snn.runtime.network import SpikingNetwork
 from ann2snn.runtime.neuron_kinds import neuron_kind
+
+# the threshold rule recorded for thresholds that came from fine-tuning
+FINE_TUNED = "fine-tuned"
 
 
 def _eval_copy(model: nn.Module) -> nn.Module:
@@ -72,8 +80,10 @@ def quantize(model: nn.Module, calib_loader: Iterable[Any] | None,
     build it or change it.
 
     `thresholds` (quantizer name -> theta, from `finetune`) replace calibration; `calib_loader` then
-    only provides an example batch for shapes and may be None."""
+    only provides an example batch for shapes and may be None. Given a `ConversionConfig` of rate-coded
+    neurons, the thresholds are chosen for the levels its `threshold_levels` says."""
     quantization = quantization_config(config, **settings)
+    levels = config.threshold_levels if isinstance(config, ConversionConfig) else None
     batches = iter(calib_loader if calib_loader is not None else ())
     first = next(batches, None)
     if first is None and thresholds is None:
@@ -88,7 +98,7 @@ def quantize(model: nn.Module, calib_loader: Iterable[Any] | None,
     else:
         set_activation_thresholds = ("calibrate_thresholds", partial(
             calibrate_thresholds, batches=itertools.chain([first], batches), rule=quantization.threshold_rule,
-            percentile=quantization.percentile))
+            percentile=quantization.percentile, levels=levels))
     pipeline = PassManager(prepare_pipeline(example).passes + [
         ("insert_quantizers", partial(insert_quantizers, qbits=quantization.qbits,
                                       per_channel=quantization.per_channel)),
@@ -103,11 +113,35 @@ def _conversion_config(config: ConversionConfig | None, settings: dict[str, Any]
     return config.replace(**settings) if settings else config
 
 
-def _spiking_network(qann: fx.GraphModule, config: ConversionConfig,
-                     quantization_record: dict[str, Any]) -> SpikingNetwork:
+class _FirstInputs:
+    """Calibration batches passed through, the inputs of the first `images` images kept on the way (the SNN
+    calibration's), so that a loader is read once: `inputs` reads on from where threshold calibration
+    stopped (after one batch, with fine-tuned thresholds) until it has them."""
+
+    def __init__(self, batches: Iterable[Any], images: int):
+        self.remaining, self.images, self.kept, self.held = iter(batches), images, [], 0
+
+    def _keep(self, batch: Any) -> Any:
+        if self.held < self.images:
+            self.kept.append(batch_input(batch)[:self.images - self.held])
+            self.held += len(self.kept[-1])
+        return batch
+
+    def __iter__(self):
+        return map(self._keep, self.remaining)
+
+    def inputs(self) -> torch.Tensor | None:
+        while self.held < self.images and (batch := next(self.remaining, None)) is not None:
+            self._keep(batch)
+        return torch.cat(self.kept) if self.kept else None
+
+
+def _spiking_network(qann: fx.GraphModule, config: ConversionConfig, quantization_record: dict[str, Any],
+                     calibration_inputs: torch.Tensor | None = None) -> SpikingNetwork:
     """The spiking network of a calibrated QANN; its `config` is the configuration's record without its
-    quantization part, which `quantization_record` describes."""
-    neuron, encoding = config.neuron, config.encoding
+    quantization part, which `quantization_record` describes. Rate-coded networks are then calibrated on
+    `calibration_inputs` as the configuration's calibration part says (not without inputs)."""
+    neuron, encoding, calibration = config.neuron, config.encoding, config.calibration
     spiking_passes = [
         ("emit_neurons", partial(emit_neurons, neuron=neuron.kind, max_spikes_per_step=neuron.max_spikes_per_step,
                                  neuron_options=neuron.options)),
@@ -116,8 +150,18 @@ def _spiking_network(qann: fx.GraphModule, config: ConversionConfig,
     if encoding.kind in SPIKE_ENCODINGS:
         encoder = InputEncoder(encoding.kind, encoding.input_mean, encoding.input_std, encoding.seed)
         spiking_passes.append(("insert_encoder", partial(insert_encoder, encoder=encoder)))
+    calibrated = config.rate_coded and calibration.method != NO_CALIBRATION and calibration_inputs is not None
+    if calibrated:
+        inputs = calibration_inputs[:calibration.images].to(device_of(qann), floating_dtype(qann))
+        spiking_passes.append(("calibrate_spiking", partial(calibrate_spiking, inputs=inputs, qann=qann,
+                                                            T=config.simulation.T, method=calibration.method)))
     spiking_graph = PassManager(spiking_passes).run(copy.deepcopy(qann))
     record = {**config.simulation.to_dict(), **neuron.to_dict(), **encoding.to_dict(), **quantization_record}
+    if config.rate_coded:
+        applied = dataclasses.replace(calibration, method=calibration.method if calibrated else NO_CALIBRATION)
+        record.update(applied.to_dict())
+        if quantization_record.get("threshold_rule") == FINE_TUNED:
+            del record["threshold_levels"]  # fine-tuned thresholds were not chosen for any number of levels
     return SpikingNetwork(spiking_graph, config.simulation.T, neuron_kind(neuron.kind).coding.name, qann=qann,
                           chunk_size=config.simulation.chunk_size, config=record)
 
@@ -144,7 +188,7 @@ def _quantization_record(quantization: QuantizationConfig, qann: fx.GraphModule,
     else:
         record = {"qbits": "mixed", "qbits_per_layer": bits}
     if fine_tuned:
-        return {**record, "threshold_rule": "fine-tuned"}
+        return {**record, "threshold_rule": FINE_TUNED}
     return {**record, **{key: value for key, value in quantization.to_dict().items() if key != "qbits"}}
 
 
@@ -163,5 +207,7 @@ def convert(model: nn.Module, calib_loader: Iterable[Any] | None, config: Conver
     `max_spikes_per_step` > 1 allows bursts of graded spikes. `thresholds` from `finetune` replace
     calibration (see `quantize`). Encodings: see `convert_qann`."""
     config = _conversion_config(config, settings)
-    qann = quantize(model, calib_loader, config.quantization, thresholds=thresholds)
-    return _spiking_network(qann, config, _quantization_record(config.quantization, qann, thresholds is not None))
+    batches = _FirstInputs(calib_loader if calib_loader is not None else (), config.calibration.images)
+    qann = quantize(model, batches, config, thresholds=thresholds)
+    return _spiking_network(qann, config, _quantization_record(config.quantization, qann, thresholds is not None),
+                            batches.inputs())

@@ -213,6 +213,22 @@ class SpikingNetwork(nn.Module):
         self.t += 1
         return out
 
+    @torch.no_grad()
+    def run_all_steps(self, x: torch.Tensor, steps: int) -> torch.Tensor:
+        """The outputs of steps 0 .. steps - 1 on the static batch x ([steps * batch, ...]), from one call of the
+        body: every layer sees all steps of its input at once, which layer-by-layer calibration relies on
+        (see `ann2snn.compiler.passes.calibrate_spiking`). Memory grows with steps x batch."""
+        check_steps("steps", steps)
+        self.reset()
+        self._prepare_neurons()
+        for module in self._temporal():
+            module.set_window(0, steps)
+        x = self.in_simulation_layout(x)
+        try:
+            return self.body(*_ChunkInputs(self.prefix(x), self.coding, steps, x.shape[0]).frames(0, steps))
+        finally:
+            self.reset()
+
     def default_chunk(self, batch: int) -> int:
         """The most time steps one body call may fold together for `batch` samples (the simulator may
         fold fewer, see `plan`)."""

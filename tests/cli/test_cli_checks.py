@@ -193,6 +193,7 @@ def test_the_vocabulary_the_options_offer_is_the_library_s() -> None:
     from ann2snn import config, distributed
     from ann2snn.cli import vocabulary
     from ann2snn.compiler.observers import THRESHOLD_RULES
+    from ann2snn.compiler.passes.calibrate_spiking import SPIKING_CALIBRATIONS
     from ann2snn.interop.onnx import FILE_NAMES, FORMATS
     from ann2snn.runtime.encoding import ENCODINGS
     from ann2snn.runtime.neuron_kinds import NEURON_KINDS
@@ -201,6 +202,8 @@ def test_the_vocabulary_the_options_offer_is_the_library_s() -> None:
     assert vocabulary.NEURON_KINDS == tuple(NEURON_KINDS)
     assert vocabulary.ADAPTIVE_OPTIONS == NEURON_KINDS[vocabulary.ADAPTIVE].options
     assert vocabulary.THRESHOLD_RULES == tuple(THRESHOLD_RULES)
+    assert vocabulary.SPIKING_CALIBRATIONS == tuple(SPIKING_CALIBRATIONS)
+    assert vocabulary.THRESHOLD_LEVELS == config.THRESHOLD_LEVELS
     assert (vocabulary.ENCODINGS, vocabulary.PRUNE_MODES) == (ENCODINGS, PRUNE_MODES)
     assert (vocabulary.ONNX_FORMATS, vocabulary.ONNX_FILE_NAMES) == (FORMATS, FILE_NAMES)
     assert vocabulary.DEFAULT_DIST_TIMEOUT == distributed.DEFAULT_TIMEOUT
@@ -211,5 +214,6 @@ def test_the_vocabulary_the_options_offer_is_the_library_s() -> None:
                                ("QuantizationConfig", "percentile", defaults.quantization.percentile),
                                ("NeuronConfig", "kind", defaults.neuron.kind),
                                ("NeuronConfig", "max_spikes_per_step", defaults.neuron.max_spikes_per_step),
-                               ("EncodingConfig", "seed", defaults.encoding.seed)]:
+                               ("EncodingConfig", "seed", defaults.encoding.seed),
+                               ("SpikingCalibrationConfig", "images", defaults.calibration.images)]:
         assert vocabulary.config_default(part, field) == value, (part, field)

@@ -1,5 +1,6 @@
 """Graph passes, one per file. Each takes a GraphModule and returns one (trace takes the nn.Module)."""
 from ann2snn.compiler.passes.balance_thresholds import balance_thresholds
+from ann2snn.compiler.passes.calibrate_spiking import calibrate_spiking
 from ann2snn.compiler.passes.calibrate_thresholds import calibrate_thresholds, observing
 from ann2snn.compiler.passes.check_supported import check_supported
 from ann2snn.compiler.passes.emit_neurons import emit_neurons
@@ -12,7 +13,7 @@ from ann2snn.compiler.passes.set_thresholds import set_thresholds
 from ann2snn.compiler.passes.trace import trace
 
 __all__ = [
-    "balance_thresholds", "calibrate_thresholds", "check_supported", "emit_neurons", "fold_batchnorm",
-    "insert_encoder", "insert_quantizers", "normalize_activations", "observing", "remove_identities",
-    "set_thresholds", "trace",
+    "balance_thresholds", "calibrate_spiking", "calibrate_thresholds", "check_supported", "emit_neurons",
+    "fold_batchnorm", "insert_encoder", "insert_quantizers", "normalize_activations", "observing",
+    "remove_identities", "set_thresholds", "trace",
 ]

@@ -1,6 +1,8 @@
 """Pass 7 (activation matching): run calibration batches through the float network, collect each
-activation's statistics and set every quantizer's threshold by the chosen rule. In a torch.distributed
-process group each process passes its own shard, and the statistics of all are combined exactly."""
+activation's statistics and set every quantizer's threshold by the chosen rule, for the quantizer's own
+levels or for `levels` (the T a rate-coded network resolves, see `ann2snn.config.SpikingCalibrationConfig`).
+In a torch.distributed process group each process passes its own shard, and the statistics of all are
+combined exactly."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -31,7 +33,7 @@ def observing(model: torch.nn.Module, bins: int = 2048) -> Iterator[dict[str, QC
 
 
 def calibrate_thresholds(gm: fx.GraphModule, batches: Iterable[Any], rule: str = "mse",
-                         percentile: float = 99.99) -> fx.GraphModule:
+                         percentile: float = 99.99, levels: int | None = None) -> fx.GraphModule:
     with observing(gm) as quantizers, torch.no_grad():
         seen = 0
         for x in model_inputs(batches, device_of(gm)):
@@ -44,6 +46,6 @@ def calibrate_thresholds(gm: fx.GraphModule, batches: Iterable[Any], rule: str =
         for name, quantizer in quantizers.items():
             if quantizer.observer.max is None:
                 raise ConversionError(f"activation '{name}' was never reached by the calibration data")
-            quantizer.set_threshold(quantizer.observer.threshold(rule, quantizer.levels, percentile),
+            quantizer.set_threshold(quantizer.observer.threshold(rule, levels or quantizer.levels, percentile),
                                     quantizer.observer.ndim, dtype)
     return gm
