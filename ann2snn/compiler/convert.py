@@ -152,7 +152,7 @@ def _spiking_network(qann: fx.GraphModule, config: ConversionConfig, quantizatio
         spiking_passes.append(("insert_encoder", partial(insert_encoder, encoder=encoder)))
     calibrated = config.rate_coded and calibration.method != NO_CALIBRATION and calibration_inputs is not None
     if calibrated:
-        inputs = calibration_inputs[:calibration.images].to(device_of(qann), floating_dtype(qann))
+        inputs = calibration_inputs.to(device_of(qann), floating_dtype(qann))  # _FirstInputs kept `images`
         spiking_passes.append(("calibrate_spiking", partial(calibrate_spiking, inputs=inputs, qann=qann,
                                                             T=config.simulation.T, method=calibration.method)))
     spiking_graph = PassManager(spiking_passes).run(copy.deepcopy(qann))
