@@ -14,6 +14,7 @@ from ann2snn.config import (
     NeuronConfig,
     QuantizationConfig,
     SimulationConfig,
+    channelwise_thresholds,
     quantization_config,
 )
 
@@ -21,10 +22,12 @@ from ann2snn.config import (
 def test_defaults_are_todays():
     config = ConversionConfig()
     assert config.to_dict() == {"T": 32, "neuron": "if", "max_spikes_per_step": 1, "neuron_options": {},
-                                "encoding": "direct", "qbits": 4, "threshold_rule": "mse", "per_channel": False,
-                                "threshold_levels": "bits", "snn_calibration": "none"}
-    assert config.threshold_levels is None
-    assert ConversionConfig.from_dict({"threshold_levels": "steps", "T": 8}).threshold_levels == 8
+                                "encoding": "direct", "qbits": 4, "threshold_rule": "mse", "per_channel": None,
+                                "threshold_levels": "steps", "snn_calibration": "bias", "snn_calibration_images": 128,
+                                "readout_delay": 0.5}
+    assert config.threshold_level_count == 32
+    assert ConversionConfig.from_dict({"threshold_levels": "bits", "T": 8}).threshold_level_count is None
+    assert ConversionConfig.from_dict({"T": 8}).threshold_level_count == 8
     assert (config.quantization.percentile, config.encoding.seed, config.simulation.chunk_size) == (99.99, 0, None)
 
 
@@ -37,8 +40,8 @@ def test_defaults_are_todays():
      "input_mean": [0.485, 0.456, 0.406], "input_std": [0.229, 0.224, 0.225]},
     {"neuron": "signed", "max_spikes_per_step": 4, "threshold_rule": "max"},
     {"neuron": "signed-rate", "encoding": "regular"},
-    {"threshold_levels": "steps", "snn_calibration": "bias"},
-    {"T": 8, "snn_calibration": "bias", "snn_calibration_images": 16},
+    {"threshold_levels": "bits", "snn_calibration": "none", "readout_delay": 0.0},
+    {"T": 8, "snn_calibration": "bias", "snn_calibration_images": 16, "readout_delay": 0.25},
 ], ids=["defaults", "quantization", "lif", "poisson", "signed", "regular", "uncalibrated", "calibration images"])
 def test_record_round_trip_is_exact(record):
     config = ConversionConfig.from_dict(record)
@@ -55,11 +58,14 @@ def test_record_keeps_reports_key_order_and_leaves_out_what_does_not_apply():
     assert list(config.to_dict().items()) == [
         ("T", 32), ("neuron", "signed-rate"), ("max_spikes_per_step", 1), ("neuron_options", {}),
         ("encoding", "direct"), ("qbits", 4), ("threshold_rule", "percentile"), ("per_channel", True),
-        ("percentile", 99.99), ("threshold_levels", "bits"), ("snn_calibration", "none")]
+        ("percentile", 99.99), ("threshold_levels", "steps"), ("snn_calibration", "bias"),
+        ("snn_calibration_images", 128), ("readout_delay", 0.5)]
     # SNN calibration does not apply to accumulate coding (signed neurons equal the QANN), nor its images
     # without a method
-    signed = ConversionConfig.from_dict({"neuron": "signed", "threshold_levels": "steps", "snn_calibration": "bias"})
+    signed = ConversionConfig.from_dict({"neuron": "signed", "threshold_levels": "steps", "snn_calibration": "bias",
+                                         "readout_delay": 0.5})
     assert signed == ConversionConfig.from_dict({"neuron": "signed"}) and "snn_calibration" not in signed.to_dict()
+    assert "readout_delay" not in signed.to_dict() and signed.calibration.readout_delay == 0
     assert "snn_calibration_images" not in ConversionConfig.from_dict(
         {"snn_calibration": "none", "snn_calibration_images": 9}).to_dict()
     # a percentile under another rule, a seed without Poisson spikes, a normalisation without spikes: ignored
@@ -68,6 +74,20 @@ def test_record_keeps_reports_key_order_and_leaves_out_what_does_not_apply():
     assert ignored == ConversionConfig() and ignored.to_dict() == ConversionConfig().to_dict()
     regular = ConversionConfig.from_dict({"encoding": "regular", "encoding_seed": 3}).to_dict()
     assert (regular["input_mean"], regular["input_std"]) == ([0.0], [1.0]) and "encoding_seed" not in regular
+
+
+def test_thresholds_are_per_channel_by_default_where_they_are_chosen_for_the_steps():
+    assert ConversionConfig().channelwise_thresholds
+    for record in ({"threshold_levels": "bits"}, {"neuron": "signed"}, {"neuron": "signed", "T": 8},
+                   {"per_channel": False}):
+        assert not ConversionConfig.from_dict(record).channelwise_thresholds, record
+    assert ConversionConfig.from_dict({"neuron": "signed", "per_channel": True}).channelwise_thresholds
+    # the decision is remade when the settings change
+    assert not ConversionConfig().replace(threshold_levels="bits").channelwise_thresholds
+    # alone, a QuantizationConfig does not know the neurons: per layer
+    assert not channelwise_thresholds(QuantizationConfig(), None)
+    assert channelwise_thresholds(QuantizationConfig(), 8)
+    assert not channelwise_thresholds(QuantizationConfig(per_channel=False), 8)
 
 
 def test_normalisation_is_held_as_the_encoder_holds_it():
@@ -87,7 +107,10 @@ def test_normalisation_is_held_as_the_encoder_holds_it():
     ({"threshold_rule": "median"}, "unknown threshold rule 'median'"),
     ({"threshold_rule": "percentile", "percentile": 0}, "percentile must be in (0, 100], got 0"),
     ({"threshold_rule": "percentile", "percentile": 100.5}, "percentile must be in (0, 100]"),
-    ({"per_channel": "yes"}, "per_channel must be True or False"),
+    ({"per_channel": "yes"}, "per_channel must be True, False or None"),
+    ({"readout_delay": 1.0}, "the read-out delay must be a fraction of T in [0, 1), got 1.0"),
+    ({"readout_delay": -0.1}, "the read-out delay must be a fraction of T in [0, 1)"),
+    ({"readout_delay": "half"}, "the read-out delay must be a fraction of T in [0, 1)"),
     ({"neuron": "izhikevich"}, "unknown neuron 'izhikevich'"),
     ({"threshold_levels": "many"}, "unknown threshold levels 'many'; choose one of ('steps', 'bits')"),
     ({"snn_calibration": "fancy"}, "unknown SNN calibration 'fancy'; choose one of ('none', 'bias')"),

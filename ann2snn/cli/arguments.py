@@ -95,6 +95,7 @@ def _number_in(what: str, accepts: Callable[[float], bool]) -> Callable[[str], f
 
 
 _percentile = _number_in("a percentile in (0, 100]", lambda value: 0 < value <= 100)
+_delay_fraction = _number_in("a fraction in [0, 1)", lambda value: 0 <= value < 1)
 _fraction = _number_in("a fraction in (0, 1)", lambda value: 0 < value < 1)
 _bit_budget = _number_in("a mean number of bits per neuron in [1, 8]", lambda value: 1 <= value <= 8)
 _megabytes = _number_in("a positive number of MiB", lambda value: 0 < value < float("inf"))
@@ -153,14 +154,21 @@ def conversion_arguments() -> argparse.ArgumentParser:
     group.add_argument("--percentile", type=_percentile,
                        help="for --threshold-rule percentile (default "
                             f"{config_default('QuantizationConfig', 'percentile')})")
-    group.add_argument("--per-channel", action="store_true", default=None, help="one threshold per channel")
+    group.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=None,
+                       help="one threshold per channel, or per layer (--no-per-channel); default: per channel "
+                            "where thresholds are chosen for T steps (see --threshold-levels), per layer otherwise")
     group.add_argument("--threshold-levels", choices=vocabulary.THRESHOLD_LEVELS,
                        help="rate-coded neurons: choose thresholds for the T levels a neuron resolves in T steps "
-                            "(steps) or for the QANN's 2**qbits - 1 (bits, default)")
+                            "(steps) or for the QANN's 2**qbits - 1 (bits); default "
+                            f"{config_default('SpikingCalibrationConfig', 'threshold_levels')}")
     group.add_argument("--snn-calibration", choices=vocabulary.SPIKING_CALIBRATIONS,
                        help="rate-coded neurons: after conversion, correct each layer's bias so that its mean "
-                            "firing rate matches the ANN's activation, layer by layer (bias), or not "
-                            "(none, default)")
+                            "firing rate matches the ANN's activation, layer by layer (bias), or not (none); "
+                            f"default {config_default('SpikingCalibrationConfig', 'method')}")
+    group.add_argument("--readout-delay", type=_delay_fraction, metavar="F",
+                       help="rate-coded neurons: leave the first F x T steps out of the output's average, while "
+                            "the layers settle (0 averages all; default "
+                            f"{config_default('SpikingCalibrationConfig', 'readout_delay')})")
     group.add_argument("--snn-calibration-images", type=positive_int, metavar="N",
                        help=f"calibration images the SNN calibration simulates (default "
                             f"{config_default('SpikingCalibrationConfig', 'images')})")
@@ -370,7 +378,7 @@ def conversion_settings(args: argparse.Namespace) -> dict[str, Any]:
              "threshold_rule": args.threshold_rule, "percentile": args.percentile, "per_channel": args.per_channel,
              "encoding": args.encoding, "encoding_seed": args.encoding_seed,
              "threshold_levels": args.threshold_levels, "snn_calibration": args.snn_calibration,
-             "snn_calibration_images": args.snn_calibration_images}
+             "snn_calibration_images": args.snn_calibration_images, "readout_delay": args.readout_delay}
     from ann2snn.config import ConversionConfig
 
     settings = {key: value for key, value in given.items() if value is not None}

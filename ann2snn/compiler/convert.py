@@ -30,7 +30,7 @@ from ann2snn.compiler.passes import (
 )
 from ann2snn.compiler.passes.calibrate_spiking import NO_CALIBRATION
 from ann2snn.compiler.qbits import QBits, quantizer_bits
-from ann2snn.config import ConversionConfig, QuantizationConfig, quantization_config
+from ann2snn.config import ConversionConfig, QuantizationConfig, channelwise_thresholds, quantization_config
 from ann2snn.errors import ConversionWarning
 from ann2snn.io.batches import batch_input, check_input_batch, check_model_accepts, device_of
 from ann2snn.runtime.encoding import SPIKE_ENCODINGS, InputEncoder
@@ -81,9 +81,9 @@ def quantize(model: nn.Module, calib_loader: Iterable[Any] | None,
 
     `thresholds` (quantizer name -> theta, from `finetune`) replace calibration; `calib_loader` then
     only provides an example batch for shapes and may be None. Given a `ConversionConfig` of rate-coded
-    neurons, the thresholds are chosen for the levels its `threshold_levels` says."""
+    neurons, the thresholds are chosen for the levels its `threshold_level_count` says."""
     quantization = quantization_config(config, **settings)
-    levels = config.threshold_levels if isinstance(config, ConversionConfig) else None
+    levels = config.threshold_level_count if isinstance(config, ConversionConfig) else None
     batches = iter(calib_loader if calib_loader is not None else ())
     first = next(batches, None)
     if first is None and thresholds is None:
@@ -101,7 +101,7 @@ def quantize(model: nn.Module, calib_loader: Iterable[Any] | None,
             percentile=quantization.percentile, levels=levels))
     pipeline = PassManager(prepare_pipeline(example).passes + [
         ("insert_quantizers", partial(insert_quantizers, qbits=quantization.qbits,
-                                      per_channel=quantization.per_channel)),
+                                      per_channel=channelwise_thresholds(quantization, levels))),
         set_activation_thresholds,
     ])
     # GraphModules the passes build start in training mode, in which quantizers train (see QCFSQuantizer)
@@ -154,7 +154,8 @@ def _spiking_network(qann: fx.GraphModule, config: ConversionConfig, quantizatio
     if calibrated:
         inputs = calibration_inputs.to(device_of(qann), floating_dtype(qann))  # _FirstInputs kept `images`
         spiking_passes.append(("calibrate_spiking", partial(calibrate_spiking, inputs=inputs, qann=qann,
-                                                            T=config.simulation.T, method=calibration.method)))
+                                                            T=config.simulation.T, method=calibration.method,
+                                                            readout_delay=calibration.readout_delay)))
     spiking_graph = PassManager(spiking_passes).run(copy.deepcopy(qann))
     record = {**config.simulation.to_dict(), **neuron.to_dict(), **encoding.to_dict(), **quantization_record}
     if config.rate_coded:
@@ -163,7 +164,8 @@ def _spiking_network(qann: fx.GraphModule, config: ConversionConfig, quantizatio
         if quantization_record.get("threshold_rule") == FINE_TUNED:
             del record["threshold_levels"]  # fine-tuned thresholds were not chosen for any number of levels
     return SpikingNetwork(spiking_graph, config.simulation.T, neuron_kind(neuron.kind).coding.name, qann=qann,
-                          chunk_size=config.simulation.chunk_size, config=record)
+                          chunk_size=config.simulation.chunk_size, config=record,
+                          readout_delay=calibration.readout_delay)
 
 
 def convert_qann(qann: fx.GraphModule, config: ConversionConfig | None = None, **settings: Any) -> SpikingNetwork:
@@ -176,9 +178,10 @@ def convert_qann(qann: fx.GraphModule, config: ConversionConfig | None = None, *
     return _spiking_network(qann, _conversion_config(config, settings), {})
 
 
-def _quantization_record(quantization: QuantizationConfig, qann: fx.GraphModule, fine_tuned: bool) -> dict[str, Any]:
+def _quantization_record(config: ConversionConfig, qann: fx.GraphModule, fine_tuned: bool) -> dict[str, Any]:
     """The report's record of the QANN: its bits (one number, or 'mixed' and the bits of every activation)
-    and where its thresholds came from."""
+    and where its thresholds came from (per channel or not, as decided)."""
+    quantization = config.quantization
     bits = quantizer_bits(qann)
     distinct = set(bits.values())
     if not isinstance(quantization.qbits, Mapping):
@@ -189,7 +192,8 @@ def _quantization_record(quantization: QuantizationConfig, qann: fx.GraphModule,
         record = {"qbits": "mixed", "qbits_per_layer": bits}
     if fine_tuned:
         return {**record, "threshold_rule": FINE_TUNED}
-    return {**record, **{key: value for key, value in quantization.to_dict().items() if key != "qbits"}}
+    settings = {**quantization.to_dict(), "per_channel": config.channelwise_thresholds}
+    return {**record, **{key: value for key, value in settings.items() if key != "qbits"}}
 
 
 def convert(model: nn.Module, calib_loader: Iterable[Any] | None, config: ConversionConfig | None = None, *,
@@ -209,5 +213,5 @@ def convert(model: nn.Module, calib_loader: Iterable[Any] | None, config: Conver
     config = _conversion_config(config, settings)
     batches = _FirstInputs(calib_loader if calib_loader is not None else (), config.calibration.images)
     qann = quantize(model, batches, config, thresholds=thresholds)
-    return _spiking_network(qann, config, _quantization_record(config.quantization, qann, thresholds is not None),
+    return _spiking_network(qann, config, _quantization_record(config, qann, thresholds is not None),
                             batches.inputs())

@@ -114,14 +114,20 @@ def mse_threshold(observer: HistogramObserver, levels: int, percentile: float, c
     hist = observer.positive_histogram()
     centers = observer.bin_centers()
     fractions = torch.arange(1, candidates + 1, dtype=torch.float64, device=hist.device) / candidates
-    best = []
-    for channel_hist, channel_max in zip(hist.split(16), observer.max.double().split(16)):
-        thetas = channel_max.unsqueeze(1) * fractions  # [c, K]
-        step = (thetas / levels).clamp_min(1e-30).unsqueeze(2)  # [c, K, 1]
-        quantized = step * torch.clamp(torch.floor(centers / step + 0.5), 0, levels)
-        error = ((quantized - centers) ** 2 * channel_hist.unsqueeze(1)).sum(2)  # [c, K]
-        best.append(thetas.gather(1, error.argmin(1, keepdim=True)).squeeze(1))
-    return torch.cat(best).float()
+    maxima = observer.max.double()
+    best = torch.empty_like(maxima)
+    # Channel by channel, over the bins up to the channel's largest value: the bins share one range, the
+    # largest channel's, so a small channel's upper bins are empty and would cost time only (64 channels of
+    # spread maxima: 1.9 s over all bins, 0.3-0.4 s so, the same thresholds).
+    for channel, (channel_hist, channel_max) in enumerate(zip(hist, maxima)):
+        used = int(channel_hist.nonzero().max()) + 1 if bool(channel_hist.any()) else 1
+        channel_hist, channel_centers = channel_hist[:used], centers[:used]
+        thetas = channel_max * fractions  # [K]
+        step = (thetas / levels).clamp_min(1e-30).unsqueeze(1)  # [K, 1]
+        quantized = step * torch.clamp(torch.floor(channel_centers / step + 0.5), 0, levels)
+        error = ((quantized - channel_centers) ** 2 * channel_hist).sum(1)  # [K]
+        best[channel] = thetas[error.argmin()]
+    return best.float()
 
 
 # rule name -> threshold(observer, levels, percentile); adding a rule is one entry

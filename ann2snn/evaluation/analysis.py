@@ -181,6 +181,9 @@ def analyze(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] | 
     generator = torch.Generator().manual_seed(seed)
     scatter: dict[str, list[torch.Tensor]] = {name: [] for name in quantizers}
     spike_totals: dict[str, torch.Tensor] = {}
+    # per layer, the counts after step s for every s a read-out window starts or ends at
+    counts_after: dict[str, dict[int, torch.Tensor]] = {}
+    starts = {T: snn.readout_start(T) for T in T_list}
     clipped: dict[str, torch.Tensor] = {}
     kind = neuron_kind(snn.config.get("neuron", "signed" if snn.coding.inject_once else "if"))
 
@@ -190,6 +193,10 @@ def analyze(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] | 
         sequence = spikes.reshape(steps, batch, -1)
         before = spike_totals.get(name, 0.0)
         spike_totals[name] = before + sequence.sum(0, dtype=torch.float64)
+        counts = counts_after.setdefault(name, {0: torch.zeros((), dtype=torch.float64, device=spikes.device)})
+        for point in {*starts.values(), *T_list} - {0}:
+            if t0 < point <= t0 + steps:
+                counts[point] = before + sequence[:point - t0].sum(0, dtype=torch.float64)
         a = ann_activations.values[name].reshape(batch, -1).double()
         q = qann_activations.values[name].reshape(batch, -1).double()
         # (not the neuron's threshold: balancing may have rescaled its input, see balance_thresholds)
@@ -198,8 +205,8 @@ def analyze(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] | 
         for T in T_list:
             if not t0 < T <= t0 + steps:
                 continue
-            counts = before + sequence[:T - t0].sum(0, dtype=torch.float64)
-            s = snn.coding.read_out(counts * value, T)
+            # over the read-out window, as the network's output is read
+            s = snn.coding.read_out((counts[T] - counts[starts[T]]) * value, T - starts[T])
             stats = sums[name].per_T[T]
             stats["s"] += _sum(s)
             stats["s2"] += _sum(s * s)
@@ -236,6 +243,7 @@ def analyze(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] | 
                 layer.clip2 += _sum((a - c) ** 2)
                 layer.quant2 += _sum((c - q) ** 2)
             spike_totals.clear()
+            counts_after.clear()
             # one sub-batch: the recorded activations are the whole batch's
             snn.simulate(x, T_list, chunk_size=chunk_size, sub_batch=x.shape[0])
     finally:

@@ -6,8 +6,11 @@
   contribution `output`, `t.next` and each state's new value `<state>.next`, to be fed back as `<state>`
   at the next step. At `t = 0` the model ignores the state inputs and starts from the initial state
   (membranes at `initial_membrane * v_threshold`, counters at zero), so the first call may pass zeros.
+  A rate-coded network averages the outputs of steps `readout_start` .. T - 1 only (the metadata's
+  config holds `readout_delay`: readout_start is floor(readout_delay x T)).
 - `t-step`: the whole simulation of `snn(x)` inside the graph, an ONNX `Loop` of T steps. Outputs are
-  `output` (the time average for rate coding, the sum for accumulate coding, as `snn(x)` returns) and
+  `output` (for rate coding the time average over steps `readout_start` .. T - 1, recorded in the metadata;
+  for accumulate coding the sum; as `snn(x)` returns) and
   every neuron layer's spike count per sample `<layer>.spike_count`.
 - `qann`: the quantized ANN the SNN reproduces, as a plain feed-forward model.
 
@@ -314,15 +317,23 @@ def _single_step_model(step: _TracedStep, metadata: dict[str, Any]) -> onnx.Mode
     return _model(graph, step.model, {**metadata, "format": "single-step", "states": step.state_names}, doc)
 
 
-def _t_step_model(step: _TracedStep, T: int, coding: Coding, metadata: dict[str, Any]) -> onnx.ModelProto:
+def _t_step_model(step: _TracedStep, T: int, readout_start: int, coding: Coding,
+                  metadata: dict[str, Any]) -> onnx.ModelProto:
     dtype, np_dtype = step.dtype, helper.tensor_dtype_to_np_dtype(step.dtype)
     # The step becomes the Loop body, its names under "step/": it reads the image from the outer graph and
     # feeds the step the frame its coding makes of it.
     renames = {IMAGE: INPUT, INPUT: f"step/{FRAME}"}
     body = _renamed(step.model.graph, lambda name: renames.get(name, f"step/{name}"))
     states = [f"step/{name}" for name in step.state_names]
-    loop_nodes = [*_ordered(list(body.node)),
-                   helper.make_node("Add", ["step/output_sum", f"step/{OUTPUT}"], ["step/output_sum.next"]),
+    counted, read_out_nodes = f"step/{OUTPUT}", []
+    if readout_start:  # steps before the read-out window add nothing to the sum
+        counted = "step/counted_output"
+        read_out_nodes = [
+            helper.make_node("GreaterOrEqual", ["step/t", "snn/readout_start"], ["step/in_window"]),
+            helper.make_node("Cast", ["step/in_window"], ["step/window_weight"], to=dtype),
+            helper.make_node("Mul", [f"step/{OUTPUT}", "step/window_weight"], [counted])]
+    loop_nodes = [*_ordered(list(body.node)), *read_out_nodes,
+                   helper.make_node("Add", ["step/output_sum", counted], ["step/output_sum.next"]),
                    helper.make_node("Identity", ["step/cond"], ["step/cond.next"])]
     loop_body = helper.make_graph(
         loop_nodes, "snn_step",
@@ -338,6 +349,8 @@ def _t_step_model(step: _TracedStep, T: int, coding: Coding, metadata: dict[str,
     # the step's weights stay in the outer graph, which a Loop body may read.
     nodes = [helper.make_node("Shape", [INPUT], ["snn/batch"], start=0, end=1)]
     initializers = [*body.initializer, _constant("snn/T", T, np.int64)]
+    if readout_start:
+        initializers.append(_constant("snn/readout_start", readout_start, np.int64))
     zeros: dict[tuple[int, ...], str] = {}
     for shape in [*step.state_shapes, step.output_shape]:
         if shape not in zeros:
@@ -351,7 +364,7 @@ def _t_step_model(step: _TracedStep, T: int, coding: Coding, metadata: dict[str,
         "Loop", ["snn/T", "", *(zeros[shape] for shape in step.state_shapes), zeros[step.output_shape]],
         [*final, "snn/output_sum"], body=loop_body))
     if coding.averages:
-        initializers.append(_constant("snn/T_float", T, np_dtype))
+        initializers.append(_constant("snn/T_float", T - readout_start, np_dtype))
         nodes.append(helper.make_node("Div", ["snn/output_sum", "snn/T_float"], [OUTPUT]))
     else:
         nodes.append(helper.make_node("Identity", ["snn/output_sum"], [OUTPUT]))
@@ -360,9 +373,11 @@ def _t_step_model(step: _TracedStep, T: int, coding: Coding, metadata: dict[str,
         [_value_info(body, f"step/{OUTPUT}", OUTPUT),
          *(_value_info(body, f"step/{name}", name) for name in step.spike_counts)],
         initializers)
+    window = f" over steps {readout_start}..{T - 1}" if readout_start else ""
     doc = (f"{T} time steps on a static input: '{OUTPUT}' is the network output ("
-           f"{coding.output_meaning}), '<layer>.spike_count' the spikes per sample.")
-    return _model(graph, step.model, {**metadata, "format": "t-step", "T": str(T)}, doc)
+           f"{coding.output_meaning}{window}), '<layer>.spike_count' the spikes per sample.")
+    return _model(graph, step.model, {**metadata, "format": "t-step", "T": str(T),
+                                      "readout_start": str(readout_start)}, doc)
 
 
 def _qann_model(snn: SpikingNetwork, example: torch.Tensor, opset: int, metadata: dict[str, Any]) -> onnx.ModelProto:
@@ -411,7 +426,7 @@ def onnx_models(snn: SpikingNetwork, formats=FORMATS, *, input_shape: tuple[int,
         if "single-step" in formats:
             models["single-step"] = _single_step_model(step, metadata)
         if "t-step" in formats:
-            models["t-step"] = _t_step_model(step, T, network.coding, metadata)
+            models["t-step"] = _t_step_model(step, T, network.readout_start(T), network.coding, metadata)
     if "qann" in formats:
         models["qann"] = _qann_model(network, example, opset, metadata)
     return {f: models[f] for f in formats}

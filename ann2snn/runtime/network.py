@@ -33,7 +33,8 @@ QUIET_CHECK_STEPS = 4
 class SimulationResult:
     """What one simulation up to max(T_list) produced.
 
-    outputs[T]: the network output after T steps (time average for rate coding, sum for accumulate);
+    outputs[T]: the network output after T steps (for rate coding the time average over the read-out window,
+    steps `readout_start(T)` .. T - 1; for accumulate coding the sum);
     spikes[T][layer]: spikes per sample emitted by that neuron layer during the first T steps;
     steps_used: per sample, the steps simulated before its output was final (T_max without
     `stop_when_quiet`)."""
@@ -141,11 +142,13 @@ class SpikingNetwork(nn.Module):
     carries over between chunks, so memory is bounded by the chunk, not by T."""
 
     def __init__(self, graph: fx.GraphModule, T: int, coding: Coding | str, qann: nn.Module | None = None,
-                 chunk_size: int | None = None, config: dict | None = None, kernels: str = DEFAULT_KERNELS):
+                 chunk_size: int | None = None, config: dict | None = None, kernels: str = DEFAULT_KERNELS,
+                 readout_delay: float = 0.0):
         super().__init__()
         self.coding = coding_named(coding)
         check_steps("T", T)
         self.T = T
+        self.readout_delay = check_readout_delay(readout_delay, self.coding)
         self.kernels = kernels
         self.chunk_size = chunk_size
         self.config = dict(config or {})
@@ -158,6 +161,14 @@ class SpikingNetwork(nn.Module):
         super().__setstate__(state)
         self.coding = coding_named(self.coding)
         self.__dict__.setdefault("_kernels", DEFAULT_KERNELS)
+        self.__dict__.setdefault("readout_delay", 0.0)
+
+    def readout_start(self, T: int) -> int:
+        """The first step the read-out counts after T steps: rate-coded neurons fire their first spikes
+        late and unevenly while the layers before them settle, so the outputs of the first
+        `readout_delay` x T steps (rounded down) are left out of the average. Every step still runs and
+        spikes (latency and energy count all T)."""
+        return int(T * self.readout_delay)
 
     @property
     def kernels(self) -> str:
@@ -312,9 +323,12 @@ class SpikingNetwork(nn.Module):
         done_at = torch.full((batch,), T_list[-1], dtype=torch.long, device=x.device)
         quiet_run = torch.zeros(batch, dtype=torch.long, device=x.device)
         t = 0
-        for T in T_list:
-            while t < T and not (stop_when_quiet and bool((done_at < T_list[-1]).all())):
-                steps = min(chunk, T - t)
+        # the read-out subtracts the sum at a T's readout_start from the sum at T
+        starts = {T: self.readout_start(T) for T in T_list}
+        totals: dict[int, torch.Tensor | int] = {0: 0}
+        for stop in sorted(set(T_list) | set(starts.values()) - {0}):
+            while t < stop and not (stop_when_quiet and bool((done_at < T_list[-1]).all())):
+                steps = min(chunk, stop - t)
                 for module in temporal:
                     module.set_window(t, steps)
                 out = self.body(*inputs.frames(t, steps))
@@ -329,12 +343,24 @@ class SpikingNetwork(nn.Module):
                 t += steps
                 if on_chunk is not None:
                     on_chunk(steps * batch)
-            outputs[T] = self.coding.read_out(total, t)
-            spikes[T] = {name: n.spike_count.clone() for name, n in neurons.items() if n.spike_count is not None}
+            totals[stop] = total.clone()
+            if stop in starts:
+                outputs[stop] = self.coding.read_out(totals[stop] - totals[starts[stop]], t - starts[stop])
+                spikes[stop] = {name: n.spike_count.clone() for name, n in neurons.items() if n.spike_count is not None}
         return SimulationResult(outputs, spikes, torch.minimum(done_at, torch.tensor(t)), t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.simulate(x, [self.T]).outputs[self.T]
+
+
+def check_readout_delay(delay, coding: Coding) -> float:
+    """A read-out delay as a fraction of T: in [0, 1), and 0 where the coding sums every step's output."""
+    if isinstance(delay, bool) or not isinstance(delay, int | float) or not 0 <= delay < 1:
+        raise ValueError(f"the read-out delay must be a fraction of T in [0, 1), got {delay!r}")
+    if delay and not coding.averages:
+        raise ValueError(f"a read-out delay needs rate coding: {coding} coding sums every step's output "
+                         f"(it settles on the QANN's value), got {delay!r}")
+    return float(delay)
 
 
 def check_steps(what: str, value) -> None:

@@ -32,7 +32,7 @@ from ann2snn.compiler.pass_manager import PassManager
 from ann2snn.compiler.passes import calibrate_thresholds, insert_quantizers
 from ann2snn.compiler.qbits import QBits
 from ann2snn.compiler.quantizer import QCFSQuantizer
-from ann2snn.config import QUANTIZATION_KEYS, QuantizationConfig, quantization_config
+from ann2snn.config import QUANTIZATION_KEYS, QuantizationConfig, channelwise_thresholds, quantization_config
 from ann2snn.io.atomic import atomic_write
 from ann2snn.io.batches import batch_input, batch_labels, device_of
 
@@ -92,7 +92,7 @@ def quantization_aware(model: nn.Module, calib_batches: Iterable[Any],
     front_end = prepare_pipeline(example, fold_batchnorm=False, check_supported=False)
     graph = PassManager(front_end.passes + [
         ("insert_quantizers", partial(insert_quantizers, qbits=quantization.qbits,
-                                      per_channel=quantization.per_channel)),
+                                      per_channel=channelwise_thresholds(quantization, None))),
         ("calibrate_thresholds", partial(calibrate_thresholds, batches=itertools.chain([first], batches),
                                          rule=quantization.threshold_rule, percentile=quantization.percentile)),
     ]).run(copy.deepcopy(model).eval())

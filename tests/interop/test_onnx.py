@@ -106,6 +106,7 @@ def assert_qann_equal(model: onnx.ModelProto, qann: nn.Module, x: torch.Tensor) 
 
 CONFIGS = {
     "if": dict(neuron="if"),
+    "if, every step read out": dict(neuron="if", readout_delay=0.0),
     "lif, per channel": dict(neuron="lif", per_channel=True),
     "signed": dict(neuron="signed"),
     "signed-rate, per channel": dict(neuron="signed-rate", per_channel=True),
@@ -139,7 +140,12 @@ def test_onnxruntime_reproduces_pytorch_on_random_networks(name: str) -> None:
 
     assert_single_step_equals_step(models["single-step"], snn, x, T)
     assert_t_step_equals_simulation(models["t-step"], snn, x, T)
-    if name == "if":  # a T other than the network's, and a batch of one
+    metadata = {prop.key: prop.value for prop in models["t-step"].metadata_props}
+    assert metadata["ann2snn.readout_start"] == str(snn.readout_start(T))
+    expected_start = {"if": T // 2, "if, every step read out": 0}
+    if name in expected_start:
+        assert snn.readout_start(T) == expected_start[name]
+    if name == "if":  # a T other than the network's (its read-out starts at step 2), and a batch of one
         assert_t_step_equals_simulation(onnx_models(snn, ("t-step",), T=export_T)["t-step"], snn, x[:1], export_T)
     if "qann" in models:
         assert_qann_equal(models["qann"], snn.qann, x)
@@ -254,8 +260,9 @@ def test_mobilenet_v2(neuron: str) -> None:
     torch.manual_seed(0)
     model = randomize_bn(build_model("mobilenet_v2_cifar", width_mult=0.5)).eval()
     T = 4
+    # in 4 steps this deep random network's spikes reach its output only in the last steps: average all of them
     snn = on_dyadic_grid(ann2snn.convert(model, [torch.randn(32, 3, 32, 32)], qbits=3, T=T, neuron=neuron,
-                                         threshold_rule="max"))
+                                         threshold_rule="max", readout_delay=0.0))
     formats = FORMATS if neuron == "if" else ("single-step", "t-step")
     models = onnx_models(snn, formats)
     x = to_grid(torch.randn(2, 3, 32, 32))

@@ -14,7 +14,8 @@ from tests.networks import build, calibration, cnn
 
 @pytest.fixture(scope="module")
 def snns():
-    """One converted network per neuron kind (2 bits, per-layer thresholds)."""
+    """One converted network per neuron kind, 2 bits: the signed one per layer, the if one with the default 0/1
+    recipe (thresholds per channel for 16 steps, SNN calibration, the read-out over the second half)."""
     model = build()
     return {kind: ann2snn.convert(model, calibration(), qbits=2, T=16, neuron=kind) for kind in ("if", "signed")}
 
@@ -28,9 +29,12 @@ def test_simulate_equals_single_step_loop(snns, kind: str) -> None:
     x = torch.randn(3, 3, 8, 8)
     simulated = snn.simulate(x, [T]).outputs[T]
     snn.reset()
-    looped = sum(snn.step(snn.encode_step(x, t)) for t in range(T))
+    steps = [snn.step(snn.encode_step(x, t)) for t in range(T)]
+    start = snn.readout_start(T)
+    assert start == (T // 2 if kind == "if" else 0)
+    looped = sum(steps[start:])
     if kind == "if":
-        looped = looped / T
+        looped = looped / (T - start)
     assert float(simulated.abs().max()) > 0
     assert_rel_close(simulated, looped)
     # forward is the same simulation
@@ -132,7 +136,8 @@ def test_if_network_with_one_hidden_layer_is_exact_at_T_equal_levels(qbits: int)
     torch.manual_seed(qbits)
     model = cnn(3, [5], 5 * 36, 4, padding=0, batchnorm=False).eval()
     L = 2 ** qbits - 1
-    snn = ann2snn.convert(model, calibration(), qbits=qbits, T=L, neuron="if", threshold_rule="max")
+    snn = ann2snn.convert(model, calibration(), qbits=qbits, T=L, neuron="if", threshold_rule="max",
+                          threshold_levels="bits", per_channel=False, snn_calibration="none", readout_delay=0.0)
     x = torch.randn(6, 3, 8, 8)
     assert_rel_close(snn(x), snn.qann(x))
 
@@ -144,5 +149,10 @@ def test_invalid_arguments(snns) -> None:
             snn.simulate(torch.randn(1, 3, 8, 8), [bad])
     with pytest.raises(ValueError, match="coding"):
         ann2snn.SpikingNetwork(snn.body, 4, "temporal")
+    with pytest.raises(ValueError, match="a read-out delay needs rate coding: accumulate coding sums every step"):
+        ann2snn.SpikingNetwork(snn.body, 4, "accumulate", readout_delay=0.5)
+    for bad in (1.0, -0.5, "half"):
+        with pytest.raises(ValueError, match="fraction of T in"):
+            ann2snn.SpikingNetwork(snns["if"].body, 4, "rate", readout_delay=bad)
     with pytest.raises(ValueError):
         ann2snn.convert(build(), calibration(), qbits=2, T=0)

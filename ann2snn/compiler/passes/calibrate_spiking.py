@@ -7,7 +7,9 @@ uneven spike trains fires early spikes it cannot take back, and layers late in t
 shift its mean rate, and each layer passes the shift on. The layers are corrected in order within one
 simulation of T steps: the simulator runs each layer over all T steps before the next (time folded into the
 batch), so when a neuron layer receives its input currents every layer before it is corrected already. That
-is Li et al.'s layer-by-layer calibration at the cost of one simulation.
+is Li et al.'s layer-by-layer calibration at the cost of one simulation. Rates are measured over the steps the
+network's read-out counts (all but the first `readout_delay` x T), so that each layer is fitted where its
+output is used.
 
 The current is added to the bias of the convolution or linear layer that feeds the neuron, directly or
 through a residual add (in the neuron's membrane units, which threshold balancing gave that layer), and
@@ -67,31 +69,33 @@ def reference_rates(qann: fx.GraphModule, inputs: torch.Tensor) -> dict[str, tor
     return rates
 
 
-def fired_rates(neuron: SpikingNeuron, currents: torch.Tensor) -> torch.Tensor:
-    """The channel means of what `neuron`, fresh, sends per step for `currents` [steps, batch, ...], in spikes."""
+def fired_rates(neuron: SpikingNeuron, currents: torch.Tensor, counted_from: int = 0) -> torch.Tensor:
+    """The channel means of what `neuron`, fresh, sends per step for `currents` [steps, batch, ...], in spikes,
+    over the steps from `counted_from` on (the network's read-out window)."""
     neuron.reset()
     neuron.load_state(neuron.initial_state(currents[0]))
     try:
-        return channel_means(neuron.multi_step_forward(currents, 0).mean(0))
+        return channel_means(neuron.multi_step_forward(currents, 0)[counted_from:].mean(0))
     finally:
         neuron.reset()
 
 
-def bias_correction(neuron: SpikingNeuron, currents: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """The constant current per channel, in membrane units, that moves the neuron's mean rate onto the
-    reference rate: BIAS_ITERATIONS first-order steps (one spike per step is one threshold of current), each
-    from the rates the current so far gives."""
+def bias_correction(neuron: SpikingNeuron, currents: torch.Tensor, reference: torch.Tensor,
+                    counted_from: int = 0) -> torch.Tensor:
+    """The constant current per channel, in membrane units, that moves the neuron's mean rate over the steps
+    from `counted_from` on onto the reference rate: BIAS_ITERATIONS first-order steps (one spike per step is
+    one threshold of current), each from the rates the current so far gives."""
     threshold = neuron.v_threshold.flatten()
     current = torch.zeros_like(reference)
     for _ in range(BIAS_ITERATIONS):
         shifted = currents + channel_shaped(current, currents.dim() - 1)
-        current = current + (reference - fired_rates(neuron, shifted)) * threshold
+        current = current + (reference - fired_rates(neuron, shifted, counted_from)) * threshold
     return current
 
 
-# method -> correction(neuron, currents [steps, batch, ...], reference rates [C]) -> current per channel [C];
-# adding a method is one entry
-SPIKING_CALIBRATIONS: dict[str, Callable[[SpikingNeuron, torch.Tensor, torch.Tensor], torch.Tensor] | None] = {
+# method -> correction(neuron, currents [steps, batch, ...], reference rates [C], first counted step) -> current
+# per channel [C]; adding a method is one entry
+SPIKING_CALIBRATIONS: dict[str, Callable[[SpikingNeuron, torch.Tensor, torch.Tensor, int], torch.Tensor] | None] = {
     NO_CALIBRATION: None,
     "bias": bias_correction,
 }
@@ -130,15 +134,17 @@ def _add_current(gm: fx.GraphModule, neuron_node: fx.Node, current: torch.Tensor
 
 
 def calibrate_spiking(gm: fx.GraphModule, inputs: torch.Tensor, qann: fx.GraphModule, T: int,
-                      method: str = "bias") -> fx.GraphModule:
+                      method: str = "bias", readout_delay: float = 0.0) -> fx.GraphModule:
     """Correct every neuron layer of the rate-coded spiking graph `gm` (balanced, its neurons named like the
-    quantizers of `qann` they stand for) by `method` of SPIKING_CALIBRATIONS, simulating `inputs` for T steps."""
+    quantizers of `qann` they stand for) by `method` of SPIKING_CALIBRATIONS, simulating `inputs` for T steps;
+    rates are measured over the read-out window that `readout_delay` leaves (see SpikingNetwork.readout_start)."""
     if method not in SPIKING_CALIBRATIONS:
         raise ValueError(f"unknown SNN calibration {method!r}; choose one of {tuple(SPIKING_CALIBRATIONS)}")
     correction = SPIKING_CALIBRATIONS[method]
     if correction is None:
         return gm
-    network = SpikingNetwork(gm, T, RATE)
+    network = SpikingNetwork(gm, T, RATE, readout_delay=readout_delay)
+    counted_from = network.readout_start(T)
     # every layer holds all T steps of every image at once: as many images as fit the working set
     images = min(len(inputs), CALIBRATION_WORKING_SET // (T * network.largest_activation(inputs)))
     if images < 1:
@@ -152,7 +158,7 @@ def calibrate_spiking(gm: fx.GraphModule, inputs: torch.Tensor, qann: fx.GraphMo
     def correct(name: str, neuron: SpikingNeuron, args: tuple) -> tuple:
         folded = args[0]
         steps = folded.reshape((T, folded.shape[0] // T) + tuple(folded.shape[1:]))
-        currents[name] = correction(neuron, steps, references[name].to(folded.dtype))
+        currents[name] = correction(neuron, steps, references[name].to(folded.dtype), counted_from)
         return (folded + channel_shaped(currents[name], folded.dim()),)
 
     hooks = [neuron.register_forward_pre_hook(lambda module, args, name=name: correct(name, module, args))
