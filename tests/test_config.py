@@ -23,7 +23,7 @@ def test_defaults_are_todays():
     config = ConversionConfig()
     assert config.to_dict() == {"T": 32, "neuron": "if", "max_spikes_per_step": 1, "neuron_options": {},
                                 "encoding": "direct", "qbits": 4, "threshold_rule": "mse", "per_channel": None,
-                                "threshold_levels": "steps", "snn_calibration": "bias", "snn_calibration_images": 128,
+                                "threshold_levels": "steps", "snn_calibration": "bias", "snn_calibration_images": 64,
                                 "readout_delay": 0.5}
     assert config.threshold_level_count == 32
     assert ConversionConfig.from_dict({"threshold_levels": "bits", "T": 8}).threshold_level_count is None
@@ -59,7 +59,7 @@ def test_record_keeps_reports_key_order_and_leaves_out_what_does_not_apply():
         ("T", 32), ("neuron", "signed-rate"), ("max_spikes_per_step", 1), ("neuron_options", {}),
         ("encoding", "direct"), ("qbits", 4), ("threshold_rule", "percentile"), ("per_channel", True),
         ("percentile", 99.99), ("threshold_levels", "steps"), ("snn_calibration", "bias"),
-        ("snn_calibration_images", 128), ("readout_delay", 0.5)]
+        ("snn_calibration_images", 64), ("readout_delay", 0.5)]
     # SNN calibration does not apply to accumulate coding (signed neurons equal the QANN), nor its images
     # without a method
     signed = ConversionConfig.from_dict({"neuron": "signed", "threshold_levels": "steps", "snn_calibration": "bias",
