@@ -125,7 +125,8 @@ class SpikingCalibrationConfig:
     calibration run after conversion on the first `images` calibration images (see
     `ann2snn.compiler.passes.calibrate_spiking.SPIKING_CALIBRATIONS`), "bias" (default), or "none" to skip it.
     `readout_delay`: the fraction of the T steps the read-out leaves out before it averages the output (see
-    `SpikingNetwork.readout_start`), 0 to average all.
+    `SpikingNetwork.readout_start`), 0 to average all; None (default): the neuron kind's (see
+    `ann2snn.runtime.neuron_kinds`, 0.5 for 0/1 neurons, 0 for signed-rate).
 
     Measured on the shared ResNet-20 (test-1000, calibrated on train-calib-512, `if`, T = 8 / 16 / 32):
     "bits", no calibration, no delay, per layer: 40.7 / 58.4 / 72.0 %; "steps", "bias", per layer: 54.4 /
@@ -136,7 +137,7 @@ class SpikingCalibrationConfig:
     method: str = "bias"
     # 64 images: 80.3 / 82.0 % at T = 16 / 32 on the shared ResNet-20, 79.8 / 82.3 % with 128 in twice the time
     images: int = 64
-    readout_delay: float = 0.5
+    readout_delay: float | None = None
 
     def __post_init__(self) -> None:
         if self.threshold_levels not in THRESHOLD_LEVELS:
@@ -146,13 +147,15 @@ class SpikingCalibrationConfig:
         _positive_int("the number of SNN calibration images", self.images)
         if self.method == NO_CALIBRATION:
             _set(self, "images", SpikingCalibrationConfig.images)
-        _set(self, "readout_delay", check_readout_delay(self.readout_delay, RATE))
+        if self.readout_delay is not None:
+            _set(self, "readout_delay", check_readout_delay(self.readout_delay, RATE))
 
     def to_dict(self) -> dict[str, Any]:
         record: dict[str, Any] = {"threshold_levels": self.threshold_levels, "snn_calibration": self.method}
         if self.method != NO_CALIBRATION:
             record["snn_calibration_images"] = self.images
-        record["readout_delay"] = self.readout_delay
+        if self.readout_delay is not None:
+            record["readout_delay"] = self.readout_delay
         return record
 
 
@@ -259,7 +262,7 @@ class ConversionConfig:
         check_encoding(self.encoding.kind, kind.coding.name, kind.name)
         if not self.rate_coded:
             # accumulate coding equals the QANN already: nothing to fit, and every step's output counts
-            _set(self, "calibration", SpikingCalibrationConfig(method=NO_CALIBRATION, readout_delay=0.0))
+            _set(self, "calibration", SpikingCalibrationConfig(method=NO_CALIBRATION))
 
     @property
     def rate_coded(self) -> bool:
@@ -271,6 +274,15 @@ class ConversionConfig:
         """The levels the thresholds are chosen for when they are not the quantizers' own: T, for rate-coded
         neurons whose calibration says "steps"."""
         return self.simulation.T if self.rate_coded and self.calibration.threshold_levels == "steps" else None
+
+    @property
+    def readout_delay(self) -> float:
+        """The read-out delay the network gets: the calibration part's, else the neuron kind's; 0 for
+        accumulate coding, which sums every step."""
+        if not self.rate_coded:
+            return 0.0
+        given = self.calibration.readout_delay
+        return given if given is not None else neuron_kind(self.neuron.kind).readout_delay
 
     @property
     def channelwise_thresholds(self) -> bool:

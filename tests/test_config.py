@@ -23,8 +23,8 @@ def test_defaults_are_todays():
     config = ConversionConfig()
     assert config.to_dict() == {"T": 32, "neuron": "if", "max_spikes_per_step": 1, "neuron_options": {},
                                 "encoding": "direct", "qbits": 4, "threshold_rule": "mse", "per_channel": None,
-                                "threshold_levels": "steps", "snn_calibration": "bias", "snn_calibration_images": 64,
-                                "readout_delay": 0.5}
+                                "threshold_levels": "steps", "snn_calibration": "bias", "snn_calibration_images": 64}
+    assert config.readout_delay == 0.5
     assert config.threshold_level_count == 32
     assert ConversionConfig.from_dict({"threshold_levels": "bits", "T": 8}).threshold_level_count is None
     assert ConversionConfig.from_dict({"T": 8}).threshold_level_count == 8
@@ -59,13 +59,13 @@ def test_record_keeps_reports_key_order_and_leaves_out_what_does_not_apply():
         ("T", 32), ("neuron", "signed-rate"), ("max_spikes_per_step", 1), ("neuron_options", {}),
         ("encoding", "direct"), ("qbits", 4), ("threshold_rule", "percentile"), ("per_channel", True),
         ("percentile", 99.99), ("threshold_levels", "steps"), ("snn_calibration", "bias"),
-        ("snn_calibration_images", 64), ("readout_delay", 0.5)]
+        ("snn_calibration_images", 64)]
     # SNN calibration does not apply to accumulate coding (signed neurons equal the QANN), nor its images
     # without a method
     signed = ConversionConfig.from_dict({"neuron": "signed", "threshold_levels": "steps", "snn_calibration": "bias",
                                          "readout_delay": 0.5})
     assert signed == ConversionConfig.from_dict({"neuron": "signed"}) and "snn_calibration" not in signed.to_dict()
-    assert "readout_delay" not in signed.to_dict() and signed.calibration.readout_delay == 0
+    assert "readout_delay" not in signed.to_dict() and signed.readout_delay == 0
     assert "snn_calibration_images" not in ConversionConfig.from_dict(
         {"snn_calibration": "none", "snn_calibration_images": 9}).to_dict()
     # a percentile under another rule, a seed without Poisson spikes, a normalisation without spikes: ignored
@@ -74,6 +74,16 @@ def test_record_keeps_reports_key_order_and_leaves_out_what_does_not_apply():
     assert ignored == ConversionConfig() and ignored.to_dict() == ConversionConfig().to_dict()
     regular = ConversionConfig.from_dict({"encoding": "regular", "encoding_seed": 3}).to_dict()
     assert (regular["input_mean"], regular["input_std"]) == ([0.0], [1.0]) and "encoding_seed" not in regular
+
+
+def test_the_read_out_delay_is_the_neurons_unless_given():
+    assert [ConversionConfig.from_dict({"neuron": kind}).readout_delay
+            for kind in ("if", "lif", "adaptive", "signed-rate", "signed")] == [0.5, 0.5, 0.5, 0.0, 0.0]
+    assert ConversionConfig.from_dict({"neuron": "signed-rate", "readout_delay": 0.25}).readout_delay == 0.25
+    assert ConversionConfig.from_dict({"readout_delay": 0}).readout_delay == 0.0
+    # a changed neuron brings its own delay, as a given one stays
+    assert ConversionConfig().replace(neuron="signed-rate").readout_delay == 0.0
+    assert ConversionConfig.from_dict({"readout_delay": 0.25}).replace(neuron="lif").readout_delay == 0.25
 
 
 def test_thresholds_are_per_channel_by_default_where_they_are_chosen_for_the_steps():

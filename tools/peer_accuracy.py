@@ -1,13 +1,15 @@
 """Accuracy of SpikingJelly's conversion of a model against ours, both measured by our evaluator on the
 same images.
 
-    python tools/peer_accuracy.py [--checkpoint models/resnet20.pt] [--eval-size 500] [--T-list 16,32]
+    python tools/peer_accuracy.py [--checkpoint models/resnet20.pt] [--eval-size 500] [--T-list 16,32] [--data DATA]
 
 SpikingJelly (its `RateCodingRecipe` with channel-wise 99.9 % thresholds and half-threshold membranes, on
 the model rewritten into forms it accepts, see `tools/bench.py`) converts the model with the 512 shared
 calibration images; `ann2snn.interop.spikingjelly.from_spikingjelly` imports its network, which then runs through
 `ann2snn.evaluate` (accuracy, spikes and synaptic operations per image) beside our default conversion
-(IF neurons, 4 bits, mse thresholds) on the stratified test subset `ann2snn convert --eval-size N` uses."""
+(the default recipe, converted once at the largest T) on the stratified test subset `ann2snn convert --eval-size
+N` uses, or on all of `--data` (e.g. `<shared>/data/cifar10/subsets/test-1000.txt`, where the README's figures
+come from)."""
 from __future__ import annotations
 
 import argparse
@@ -40,17 +42,22 @@ def main(argv: list[str] | None = None) -> None:
                         default=Path(__file__).resolve().parents[1] / "models" / "resnet20.pt")
     parser.add_argument("--eval-size", type=int, default=500)
     parser.add_argument("--T-list", type=lambda text: [int(t) for t in text.split(",")], default=[16, 32])
+    parser.add_argument("--data", help="evaluation data, all of it (default: --eval-size images of the test split)")
     args = parser.parse_args(argv)
     model = load_model(args.checkpoint).model.eval()
     images = Images(1)
-    test = stratified_subset(open_dataset(str(shared_dir() / "data" / "cifar10" / "test"),
-                                          transform=cifar10_transform()), args.eval_size, 0)
+    if args.data:
+        test = open_dataset(args.data.replace("<shared>", str(shared_dir())), transform=cifar10_transform())
+    else:
+        test = stratified_subset(open_dataset(str(shared_dir() / "data" / "cifar10" / "test"),
+                                              transform=cifar10_transform()), args.eval_size, 0)
     loader = list(make_loader(test, 100))
     jelly = SpikingJelly()
     networks = {
         f"SpikingJelly {jelly.version} RateCodingRecipe (imported)": from_spikingjelly(
             jelly.convert(model, images.calibration), T=max(args.T_list)),
-        "ann2snn default (if, 4 bits, mse)": ann2snn.convert(model, images.calibration, T=max(args.T_list)),
+        "ann2snn default (if, converted at the largest T)": ann2snn.convert(model, images.calibration,
+                                                                             T=max(args.T_list)),
     }
     rows = []
     with torch.no_grad():

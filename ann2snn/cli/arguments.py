@@ -167,8 +167,8 @@ def conversion_arguments() -> argparse.ArgumentParser:
                             f"default {config_default('SpikingCalibrationConfig', 'method')}")
     group.add_argument("--readout-delay", type=_delay_fraction, metavar="F",
                        help="rate-coded neurons: leave the first F x T steps out of the output's average, while "
-                            "the layers settle (0 averages all; default "
-                            f"{config_default('SpikingCalibrationConfig', 'readout_delay')})")
+                            "the layers settle (0 averages all; default: the neuron's, 0.5 for if, lif and "
+                            "adaptive, 0 for signed-rate)")
     group.add_argument("--snn-calibration-images", type=positive_int, metavar="N",
                        help=f"calibration images the SNN calibration simulates (default "
                             f"{config_default('SpikingCalibrationConfig', 'images')})")

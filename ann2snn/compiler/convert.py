@@ -155,17 +155,18 @@ def _spiking_network(qann: fx.GraphModule, config: ConversionConfig, quantizatio
         inputs = calibration_inputs.to(device_of(qann), floating_dtype(qann))  # _FirstInputs kept `images`
         spiking_passes.append(("calibrate_spiking", partial(calibrate_spiking, inputs=inputs, qann=qann,
                                                             T=config.simulation.T, method=calibration.method,
-                                                            readout_delay=calibration.readout_delay)))
+                                                            readout_delay=config.readout_delay)))
     spiking_graph = PassManager(spiking_passes).run(copy.deepcopy(qann))
     record = {**config.simulation.to_dict(), **neuron.to_dict(), **encoding.to_dict(), **quantization_record}
     if config.rate_coded:
-        applied = dataclasses.replace(calibration, method=calibration.method if calibrated else NO_CALIBRATION)
+        applied = dataclasses.replace(calibration, method=calibration.method if calibrated else NO_CALIBRATION,
+                                      readout_delay=config.readout_delay)
         record.update(applied.to_dict())
         if quantization_record.get("threshold_rule") == FINE_TUNED:
             del record["threshold_levels"]  # fine-tuned thresholds were not chosen for any number of levels
     return SpikingNetwork(spiking_graph, config.simulation.T, neuron_kind(neuron.kind).coding.name, qann=qann,
                           chunk_size=config.simulation.chunk_size, config=record,
-                          readout_delay=calibration.readout_delay)
+                          readout_delay=config.readout_delay)
 
 
 def convert_qann(qann: fx.GraphModule, config: ConversionConfig | None = None, **settings: Any) -> SpikingNetwork:
