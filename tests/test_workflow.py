@@ -77,19 +77,23 @@ def test_convert_checkpoint_is_what_the_command_line_writes(capsys, digits, tmp_
 def test_fine_tuned_thresholds_at_their_own_bits(digits):
     _, loaded = digits
     tuned, thresholds = fine_tuned(loaded)
-    snn = convert_checkpoint(tuned, T=4, execution=FAST, **DATA).snn
-    assert snn.config["qbits"] == 3 and snn.config["threshold_rule"] == "fine-tuned"
-    for name, theta in qann_thresholds(snn).items():
-        torch.testing.assert_close(theta.flatten(), thresholds[name].flatten())
+    # 3 bits: 7 levels, which 0/1 neurons resolve in T = 7 steps; signed neurons take them at any T
+    for settings in ({"T": 7}, {"T": 4, "neuron": "signed"}, {"T": 4, "threshold_levels": "bits"}):
+        snn = convert_checkpoint(tuned, execution=FAST, **DATA, **settings).snn
+        assert snn.config["qbits"] == 3 and snn.config["threshold_rule"] == "fine-tuned"
+        for name, theta in qann_thresholds(snn).items():
+            torch.testing.assert_close(theta.flatten(), thresholds[name].flatten())
 
     notes: list[str] = []
-    for settings in ({"qbits": 4}, {"recalibrate": True}):
-        snn = convert_checkpoint(tuned, T=4, execution=FAST, log=notes.append, **DATA, **settings).snn
+    for settings in ({"qbits": 4}, {"recalibrate": True}, {"T": 4}):
+        snn = convert_checkpoint(tuned, execution=FAST, log=notes.append, **DATA, **{"T": 7, **settings}).snn
         assert snn.config["threshold_rule"] == "mse"
         assert not any(torch.allclose(theta.flatten(), thresholds[name].flatten())
                        for name, theta in qann_thresholds(snn).items())
     assert notes == [f"the checkpoint was fine-tuned at 3 bits; calibrating new thresholds at {bits} bits instead of "
-                     "using its own" for bits in (4, 3)]
+                     "using its own" for bits in (4, 3)] + [
+        "thresholds are chosen for the T = 4 levels of rate-coded neurons, the checkpoint's were fine-tuned for 7 "
+        "levels: calibrating new ones (--threshold-levels bits keeps them)"]
 
 
 def test_checkpoint_config_takes_the_fine_tuned_bits(digits):
