@@ -202,7 +202,8 @@ def test_convert_command_uses_the_checkpoints_fine_tuned_thresholds(shared, tmp_
     thresholds = {name: 0.5 * q.theta.detach() for name, q in graph.named_modules() if isinstance(q, QCFSQuantizer)}
     checkpoint = save_checkpoint(loaded.model, tmp_path / "resnet20-q3.pt", "resnet20", loaded.arch_kwargs,
                                  loaded.preprocessing, quantization={"qbits": 3, "thresholds": thresholds})
-    common = ["--T", "7", "--T-list", "7", "--eval-size", "60", "--calib-size", "32", "--no-progress"]  # 3 bits: 7 levels
+    # T = 7: the 7 levels of 3 bits, for which the fine-tuned thresholds are
+    common = ["--T", "7", "--T-list", "7", "--eval-size", "60", "--calib-size", "32", "--no-progress"]
 
     assert main(["convert", str(checkpoint), "--out", str(tmp_path / "tuned"), *common]) == 0
     report = json.loads((tmp_path / "tuned" / "report.json").read_text())
