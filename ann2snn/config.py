@@ -128,10 +128,10 @@ class SpikingCalibrationConfig:
     `SpikingNetwork.readout_start`), 0 to average all; None (default): the neuron kind's (see
     `ann2snn.runtime.neuron_kinds`, 0.5 for 0/1 neurons, 0 for signed-rate).
 
-    Measured on the shared ResNet-20 (test-1000, calibrated on train-calib-512, `if`, T = 8 / 16 / 32):
-    "bits", no calibration, no delay, per layer: 40.7 / 58.4 / 72.0 %; "steps", "bias", per layer: 54.4 /
-    69.2 / 76.0 %; with the read-out over the second half, rates fitted there: 62.3 / 74.9 / 80.4 %; and
-    thresholds per channel (the default): 68.5 / 79.8 / 82.3 % (tools/ablation.py)."""
+    Measured on the shared ResNet-20 (test-1000, calibrated on train-calib-512, `if`, converted for each of T = 8 /
+    16 / 32, `python tools/ablation.py`): "bits", no calibration, no delay, per layer: 40.7 / 58.3 / 72.1 %;
+    "steps" and "bias", per layer: 57.2 / 68.8 / 75.8 %; with the read-out over the second half: 62.7 / 73.2 /
+    80.6 %; and thresholds per channel, the default: 69.0 / 80.3 / 82.0 %."""
 
     threshold_levels: str = "steps"
     method: str = "bias"
