@@ -41,7 +41,10 @@ def test_signed_neurons_reach_the_qann_exactly(converted) -> None:
 @pytest.mark.parametrize("neuron", ["if", "signed-rate"])
 def test_rate_coded_neurons_approach_the_clipped_ann(converted, neuron: str) -> None:
     name, model, calib, x = converted
-    snn = ann2snn.convert(model, calib, qbits=4, T=128, neuron=neuron)
+    # The rate code itself, without the recipe fitted to one T (the SNN calibration leaves the random
+    # MobileNetV2 within 6e-5 of the clipped ANN from T = 8 on, where nothing is left to fall with T)
+    snn = ann2snn.convert(model, calib, qbits=4, T=128, neuron=neuron, threshold_levels="bits", per_channel=False,
+                          snn_calibration="none", readout_delay=0.0)
     errors = convergence(snn, x, T_LIST)
     clipped = [errors[T]["clipped"] for T in T_LIST]
     assert clipped[2] < 0.6 * clipped[0] and clipped[2] < 0.06, (name, neuron, errors)
