@@ -83,6 +83,18 @@ def shard(dataset: Dataset[Any], batch_size: int) -> Dataset[Any]:
     return Subset(dataset, indices)
 
 
+def gather_in_order(batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The leading batches of every process's shard (see `shard`) in the single-process order: process r's
+    i-th batch is batch r + i x W. `batches` itself when not distributed; on this process's device."""
+    if not is_distributed():
+        return batches
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, [batch.cpu() for batch in batches])
+    device = batches[0].device if batches else torch.device("cpu")
+    return [part[i].to(device) for i in range(max(len(part) for part in gathered)) for part in gathered
+            if i < len(part)]
+
+
 def require_on_every_process(condition: bool, message: str) -> None:
     """Raise ValueError(message) on every process if `condition` fails on any, so that none is left
     waiting in a collective for a process that gave up."""

@@ -31,6 +31,7 @@ from ann2snn.compiler.passes import (
 from ann2snn.compiler.passes.calibrate_spiking import NO_CALIBRATION
 from ann2snn.compiler.qbits import QBits, quantizer_bits
 from ann2snn.config import ConversionConfig, QuantizationConfig, channelwise_thresholds, quantization_config
+from ann2snn.distributed import gather_in_order
 from ann2snn.errors import ConversionWarning
 from ann2snn.io.batches import batch_input, check_input_batch, check_model_accepts, device_of
 from ann2snn.runtime.encoding import SPIKE_ENCODINGS, InputEncoder
@@ -131,9 +132,12 @@ class _FirstInputs:
         return map(self._keep, self.remaining)
 
     def inputs(self) -> torch.Tensor | None:
+        """The first `images` inputs; under torchrun, of all processes' shards in the single-process order, so
+        that every process calibrates on the images one process would (called on every process)."""
         while self.held < self.images and (batch := next(self.remaining, None)) is not None:
             self._keep(batch)
-        return torch.cat(self.kept) if self.kept else None
+        kept = gather_in_order(self.kept)
+        return torch.cat(kept)[:self.images] if kept else None
 
 
 def _spiking_network(qann: fx.GraphModule, config: ConversionConfig, quantization_record: dict[str, Any],

@@ -4,8 +4,9 @@
 that SpikingJelly's tools work on it: `functional.reset_net`, `functional.set_step_mode(net, 's' | 'm')`,
 monitors that look for its neuron classes. In step mode 's' a call is one time step on [N, ...]; in 'm'
 a call is a sequence [T, N, ...] (outputs [T, N, ...], each step's contribution: the time average of
-the outputs is what `snn(x)` returns). The network keeps our graph, so every op the compiler accepts works
-(functional pads, slicing shortcuts, ReLU6 bounds): stateless ops run on time folded into the batch
+the outputs of steps floor(readout_delay x T) .. T - 1 is what `snn(x)` returns; the module's
+`readout_delay` is the network's, see `SpikingNetwork.readout_start`). The network keeps our graph, so every
+op the compiler accepts works (functional pads, slicing shortcuts, ReLU6 bounds): stateless ops run on time folded into the batch
 (step mode 'm' unfolds only around the stateful modules), neurons are SpikingJelly's
 `HalfThresholdIFNode` (or `IFNode` with soft reset when the membrane starts at 0) behind a scaling by
 1 / v_threshold, and our other temporal modules (exact max pooling, bias injection, spike encoders) a
@@ -191,7 +192,9 @@ def to_spikingjelly(snn: SpikingNetwork) -> nn.Module:
                 raise ConversionError(f"{describe_node(gm, node)}: {type(module).__name__} has no SpikingJelly "
                                       f"counterpart (it declares no single_step_forward)")
             _replace(gm, node, [("memory", _TimeFolded(_spikingjelly_memory(module)))])
-    return _network(finalize(gm), snn.T, dict(snn.config))
+    network = _network(finalize(gm), snn.T, dict(snn.config))
+    network.readout_delay = snn.readout_delay  # SpikingJelly's modules return every step: the window is the caller's
+    return network
 
 
 # --- SpikingJelly -> ours ----------------------------------------------------------------------------
