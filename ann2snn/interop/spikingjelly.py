@@ -6,8 +6,8 @@ monitors that look for its neuron classes. In step mode 's' a call is one time s
 a call is a sequence [T, N, ...] (outputs [T, N, ...], each step's contribution: the time average of
 the outputs of steps floor(readout_delay x T) .. T - 1 is what `snn(x)` returns; the module's
 `readout_delay` is the network's, see `SpikingNetwork.readout_start`). The network keeps our graph, so every
-op the compiler accepts works (functional pads, slicing shortcuts, ReLU6 bounds): stateless ops run on time folded into the batch
-(step mode 'm' unfolds only around the stateful modules), neurons are SpikingJelly's
+op the compiler accepts works (functional pads, slicing shortcuts, ReLU6 bounds): stateless ops run on time
+folded into the batch (step mode 'm' unfolds only around the stateful modules), neurons are SpikingJelly's
 `HalfThresholdIFNode` (or `IFNode` with soft reset when the membrane starts at 0) behind a scaling by
 1 / v_threshold, and our other temporal modules (exact max pooling, bias injection, spike encoders) a
 SpikingJelly `MemoryModule` running their declared state and step.
