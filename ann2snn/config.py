@@ -276,6 +276,11 @@ class ConversionConfig:
         return self.simulation.T if self.rate_coded and self.calibration.threshold_levels == "steps" else None
 
     @property
+    def calibrates_spiking(self) -> bool:
+        """Whether the converted network is fitted by an SNN calibration (rate-coded neurons, a method)."""
+        return self.rate_coded and self.calibration.method != NO_CALIBRATION
+
+    @property
     def readout_delay(self) -> float:
         """The read-out delay the network gets: the calibration part's, else the neuron kind's; 0 for
         accumulate coding, which sums every step."""

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from ann2snn.compiler.convert import convert, prepare_pipeline
 from ann2snn.compiler.passes import trace
-from ann2snn.compiler.qbits import DEFAULT_KEY
+from ann2snn.compiler.qbits import DEFAULT_KEY, check_qbits
 from ann2snn.config import ConversionConfig, QuantizationConfig
 from ann2snn.distributed import shard
 from ann2snn.errors import ConversionWarning
@@ -182,7 +182,7 @@ def _fine_tuned_thresholds(loaded: LoadedModel, config: ConversionConfig, *, rec
             "instead of using its own")
         return None
     levels = config.threshold_level_count
-    trained = 2 ** qbits - 1 if isinstance(qbits, int) else None
+    trained = check_qbits(qbits) if isinstance(qbits, int) else None
     if levels is not None and levels != trained:
         log(f"thresholds are chosen for the T = {levels} levels of rate-coded neurons, the checkpoint's were "
             f"fine-tuned for {trained if trained is not None else 'per-layer'} levels: calibrating new ones "

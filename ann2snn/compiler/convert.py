@@ -154,7 +154,7 @@ def _spiking_network(qann: fx.GraphModule, config: ConversionConfig, quantizatio
     if encoding.kind in SPIKE_ENCODINGS:
         encoder = InputEncoder(encoding.kind, encoding.input_mean, encoding.input_std, encoding.seed)
         spiking_passes.append(("insert_encoder", partial(insert_encoder, encoder=encoder)))
-    calibrated = config.rate_coded and calibration.method != NO_CALIBRATION and calibration_inputs is not None
+    calibrated = config.calibrates_spiking and calibration_inputs is not None
     if calibrated:
         inputs = calibration_inputs.to(device_of(qann), floating_dtype(qann))  # _FirstInputs kept `images`
         spiking_passes.append(("calibrate_spiking", partial(calibrate_spiking, inputs=inputs, qann=qann,
@@ -218,5 +218,6 @@ def convert(model: nn.Module, calib_loader: Iterable[Any] | None, config: Conver
     config = _conversion_config(config, settings)
     batches = _FirstInputs(calib_loader if calib_loader is not None else (), config.calibration.images)
     qann = quantize(model, batches, config, thresholds=thresholds)
+    # the calibration images are read on, and under torchrun gathered, only for a network that uses them
     return _spiking_network(qann, config, _quantization_record(config, qann, thresholds is not None),
-                            batches.inputs())
+                            batches.inputs() if config.calibrates_spiking else None)

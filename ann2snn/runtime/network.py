@@ -343,7 +343,7 @@ class SpikingNetwork(nn.Module):
                 t += steps
                 if on_chunk is not None:
                     on_chunk(steps * batch)
-            totals[stop] = total.clone()
+            totals[stop] = total  # (never changed in place: each chunk's sum makes a new tensor)
             if stop in starts:
                 outputs[stop] = self.coding.read_out(totals[stop] - totals[starts[stop]], t - starts[stop])
                 spikes[stop] = {name: n.spike_count.clone() for name, n in neurons.items() if n.spike_count is not None}
