@@ -13,6 +13,7 @@ _DEFINED_IN = {
     "ConversionError": "ann2snn.errors",
     "evaluate": "ann2snn.evaluation.evaluate",
     "export_onnx": "ann2snn.interop.onnx",
+    **dict.fromkeys(("export_nir", "import_nir"), "ann2snn.interop.nir"),
     "load": "ann2snn.io.saved_network",
     **dict.fromkeys(("SimulationResult", "SpikingNetwork"), "ann2snn.runtime.network"),
     **dict.fromkeys(("AdaptiveNeuron", "IFNeuron", "LIFNeuron", "SignedNeuron", "SpikingNeuron"),

@@ -131,6 +131,8 @@ ONNX_FORMATS: tuple[str, ...] = _read(lambda: _resolve("ann2snn.interop.onnx", "
                                       lambda: tuple(_library("ann2snn.interop.onnx").FORMATS))
 ONNX_FILE_NAMES: dict[str, str] = _read(lambda: _resolve("ann2snn.interop.onnx", "FILE_NAMES"),
                                         lambda: dict(_library("ann2snn.interop.onnx").FILE_NAMES))
+NIR_FILE_NAME: str = _read(lambda: _resolve("ann2snn.interop.nir", "FILE_NAME"),
+                          lambda: _library("ann2snn.interop.nir").FILE_NAME)
 DEFAULT_DIST_TIMEOUT: datetime.timedelta = _read(lambda: _resolve("ann2snn.distributed", "DEFAULT_TIMEOUT"),
                                                  lambda: _library("ann2snn.distributed").DEFAULT_TIMEOUT)
 THRESHOLD_LEVELS: tuple[str, ...] = _read(lambda: _resolve("ann2snn.config", "THRESHOLD_LEVELS"),

@@ -50,7 +50,7 @@ def _import(module: str) -> Any:
 
 # --- ours -> SpikingJelly ----------------------------------------------------------------------------
 
-def _merged_graph(snn: SpikingNetwork) -> fx.GraphModule:
+def merged_graph(snn: SpikingNetwork) -> fx.GraphModule:
     """The network's static prefix and spiking body as one graph from the input to the output."""
     graph = fx.Graph()
     (prefix_input,) = [n for n in snn.prefix.graph.nodes if n.op == "placeholder"]
@@ -181,7 +181,7 @@ def to_spikingjelly(snn: SpikingNetwork) -> nn.Module:
     if snn.coding.inject_once:
         raise ConversionError(f"to_spikingjelly takes rate-coded networks; this one uses {snn.coding} coding "
                               f"(neuron={snn.config.get('neuron')!r}), which SpikingJelly's neurons do not implement")
-    gm = _merged_graph(snn)
+    gm = merged_graph(snn)
     for node in list(gm.graph.nodes):
         module = gm.get_submodule(node.target) if node.op == "call_module" else None
         if isinstance(module, SpikingNeuron):
