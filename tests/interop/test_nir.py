@@ -24,7 +24,6 @@ and applies the setting that removes the difference:
   is given to the importer, the file's time step)."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -254,6 +253,14 @@ def test_a_network_snntorch_wrote_simulates_as_snntorch_does(tmp_path) -> None:
     torch.testing.assert_close(result.outputs[16], theirs.mean(0), rtol=0, atol=0)
     assert 0.1 < float(theirs.mean()) < 0.9, "a layer that always or never fires tests nothing"
     assert min(float(spikes.sum()) for spikes in result.spikes[16].values()) > 0
+    # our evaluator and ONNX export on it: the t-step model computes what snnTorch computed
+    labels = theirs.mean(0).argmax(1)
+    assert ann2snn.evaluate(imported, [(x, labels)], [16]).accuracy_snn[16] == 1.0
+    onnxruntime = pytest.importorskip("onnxruntime")
+    ann2snn.export_onnx(imported, tmp_path / "snntorch.onnx", input_shape=(32,), T=16)
+    session = onnxruntime.InferenceSession(str(tmp_path / "snntorch.onnx"))
+    (onnx_output, *_) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(onnx_output), theirs.mean(0), rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -296,4 +303,4 @@ def test_cli_export_nir_keeps_user_files(tmp_path, capsys) -> None:
     assert "snn.nir" in out and isinstance(nir.read(tmp_path / "snn.nir"), nir.NIRGraph)
     code, _, err = run_cli(capsys, "export", tmp_path, "--format", "nir", "--force")
     assert code == 0, err
-    assert np.isfinite(import_nir(tmp_path / "snn.nir")(torch.randn(2, 3, 16, 16))).all()
+    assert bool(torch.isfinite(import_nir(tmp_path / "snn.nir")(torch.randn(2, 3, 16, 16))).all())
