@@ -2,8 +2,8 @@
 
 Every batch runs through the ANN, the QANN and one SNN simulation up to max(T_list); the outputs
 at every T of the list come from that single simulation. Alongside accuracy it records spikes per
-layer, the neurons that never fired, synaptic operations and the energy estimate (see
-`ann2snn.evaluation.synops` for how operations are counted)."""
+layer, the neurons that never fired, synaptic operations and two energy estimates: operations only (see
+`ann2snn.evaluation.synops` for how operations are counted) and memory-aware (`ann2snn.evaluation.energy`)."""
 from __future__ import annotations
 
 import itertools
@@ -12,7 +12,7 @@ import time
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,9 +21,17 @@ from tqdm import tqdm
 
 from ann2snn.distributed import reduce_over_processes, require_on_every_process, world_size
 from ann2snn.errors import ConversionWarning
+from ann2snn.evaluation.energy import (
+    DEFAULT_ENERGY_PRESET,
+    NetworkTraffic,
+    NeuronTraffic,
+    check_energy_preset,
+    layer_traffic,
+    memory_energy,
+)
 from ann2snn.evaluation.provenance import provenance
 from ann2snn.evaluation.statistics import INTERVAL_METHOD, accuracy_interval
-from ann2snn.evaluation.synops import E_AC_PJ, E_MAC_PJ, ENERGY_REFERENCE, SynapticOperationCounter
+from ann2snn.evaluation.synops import E_AC_PJ, E_MAC_PJ, ENERGY_REFERENCE, SynapticOperationCounter, total
 from ann2snn.io.batches import (
     batch_input,
     batch_labels,
@@ -76,6 +84,11 @@ class EvaluationReport:
     quiet_steps: dict[str, float] | None = None
     # the software, machine, command line and date of the measurement (`ann2snn.evaluation.provenance`)
     provenance: dict[str, Any] | None = None
+    # what each layer of the ANN and of the SNN (at each T) did per image, priced with `energy_preset`
+    # (`ann2snn.evaluation.energy`)
+    ann_traffic: NetworkTraffic | None = None
+    snn_traffic: dict[int, NetworkTraffic] = field(default_factory=dict)
+    energy_preset: str = DEFAULT_ENERGY_PRESET
 
     @property
     def ann_energy_uj(self) -> float | None:
@@ -121,6 +134,7 @@ class EvaluationReport:
                 "ann_over_snn": (_by_T({T: ann_energy / energy for T, energy in snn_energy.items() if energy})
                                  if ann_energy is not None else None),
             },
+            "energy_memory": memory_energy(self.energy_preset, self.ann_traffic, self.snn_traffic),
             "quiet_steps": dict(self.quiet_steps) if self.quiet_steps is not None else None,
             "config": dict(self.config),
             "timing": dict(self.timing),
@@ -263,7 +277,8 @@ def _checked_batches(loader: Iterable[Any], device: torch.device,
 @torch.no_grad()
 def evaluate(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] | None = None, *,
              ann: nn.Module | None = None, chunk_size: int | None = None, progress: bool = False,
-             max_memory: int | None = None, stop_when_quiet: bool = False) -> EvaluationReport:
+             max_memory: int | None = None, stop_when_quiet: bool = False,
+             energy_preset: str = DEFAULT_ENERGY_PRESET) -> EvaluationReport:
     """Measure `snn` (and the `ann` it was converted from, if given, and its QANN) on labelled batches.
 
     Batches are (inputs, labels) tuples or dicts with image and label keys; inputs are moved to the
@@ -276,7 +291,9 @@ def evaluate(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] |
     `ann2snn.distributed.shard`) and gets the report of all shards; timings are the slowest process's.
     With `stop_when_quiet` (signed neurons), a batch stops once every image's network is quiet (its output is
     final); `quiet_steps` reports how many steps each image needed, and the counts cover only the steps run.
+    The memory-aware energy is priced with the preset `energy_preset` (`ann2snn.evaluation.energy`).
     """
+    check_energy_preset(energy_preset)
     T_list = [snn.T] if T_list is None else list(T_list)
     if not T_list:
         raise ValueError("T_list is empty: give at least one number of time steps to report")
@@ -299,7 +316,7 @@ def evaluate(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] |
     correct_snn = dict.fromkeys(T_list, 0)
     agreeing = dict.fromkeys(T_list, 0)
     spikes_by_T = {T: 0.0 for T in T_list}
-    layer_spikes: dict[str, float] = {}
+    layer_spikes: dict[int, dict[str, float]] = {T: {} for T in T_list}
     quiet_steps_sum = quiet_steps_max = 0
     snn_seconds = 0.0
 
@@ -350,9 +367,10 @@ def evaluate(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] |
                 correct_snn[T] += int((predictions == labels).sum())
                 if qann_predictions is not None:
                     agreeing[T] += int((predictions == qann_predictions).sum())
-                spikes_by_T[T] += sum(float(count.sum(dtype=torch.float64)) for count in result.spikes[T].values())
-            for name, count in result.spikes[T_max].items():
-                layer_spikes[name] = layer_spikes.get(name, 0.0) + float(count.sum(dtype=torch.float64))
+                for name, count in result.spikes[T].items():
+                    spikes = float(count.sum(dtype=torch.float64))
+                    layer_spikes[T][name] = layer_spikes[T].get(name, 0.0) + spikes
+                    spikes_by_T[T] += spikes
             quiet_steps_sum += int(result.steps_used.sum())
             quiet_steps_max = max(quiet_steps_max, int(result.steps_used.max()))
         _synchronize(device)
@@ -361,11 +379,11 @@ def evaluate(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] |
     require_on_every_process(images > 0, "the evaluation loader yielded no batches")
     # Under torchrun each process measured its own shard; the report is of all of them. Every count is
     # an integer (spikes and synaptic operations too), so the sums are exact whatever the order.
-    ann_macs = ann_ops.multiply_accumulates if ann_ops is not None else None
-    (images, correct_ann, correct_qann, correct_snn, agreeing, spikes_by_T, layer_spikes, body_ops.accumulates,
-     body_ops.multiply_accumulates, prefix_ops.multiply_accumulates, ann_macs, quiet_steps_sum) = reduce_over_processes(
-        (images, correct_ann, correct_qann, correct_snn, agreeing, spikes_by_T, layer_spikes, body_ops.accumulates,
-         body_ops.multiply_accumulates, prefix_ops.multiply_accumulates, ann_macs, quiet_steps_sum), "sum")
+    ann_counts = ann_ops.counts if ann_ops is not None else None
+    (images, correct_ann, correct_qann, correct_snn, agreeing, spikes_by_T, layer_spikes, body_counts, prefix_counts,
+     ann_counts, quiet_steps_sum) = reduce_over_processes(
+        (images, correct_ann, correct_qann, correct_snn, agreeing, spikes_by_T, layer_spikes, body_ops.counts,
+         prefix_ops.counts, ann_counts, quiet_steps_sum), "sum")
     firing.fired, wall_seconds, snn_seconds, quiet_steps_max = reduce_over_processes(
         (firing.fired, wall_seconds, snn_seconds, quiet_steps_max), "max")
     peak_bytes = reduce_over_processes(peak_memory.bytes, "max")
@@ -378,14 +396,21 @@ def evaluate(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] |
             firing_rate=spikes / images / (firing.fired[name].numel() * T_max),
             never_fired_fraction=1.0 - float(firing.fired[name].float().mean()),
         )
-        for name, spikes in layer_spikes.items()
+        for name, spikes in layer_spikes[T_max].items()
     ]
     # The static prefix runs once per image on the analog input; a rate-coded network receives that
     # input again at every step, an accumulate-coded one only once.
-    prefix_macs = float(prefix_ops.multiply_accumulates.sum()) / images
+    prefix_macs = float(total(prefix_counts, "multiply_accumulates", 1).sum()) / images
     prefix_runs = {T: snn.coding.prefix_runs(T) for T in T_list}
-    synops = body_ops.accumulates.cumsum(0) / images
-    body_macs = body_ops.multiply_accumulates.cumsum(0) / images
+    synops = total(body_counts, "accumulates", T_max).cumsum(0) / images
+    body_macs = total(body_counts, "multiply_accumulates", T_max).cumsum(0) / images
+    ann_macs = total(ann_counts, "multiply_accumulates", 1) if ann_counts is not None else None
+    snn_traffic = {T: NetworkTraffic(
+        layer_traffic(prefix_counts, prefix_ops.sizes, images, runs=prefix_runs[T])
+        + layer_traffic(body_counts, body_ops.sizes, images, steps=T),
+        [NeuronTraffic(layer.name, layer.neurons, T, layer_spikes[T].get(layer.name, 0.0) / images)
+         for layer in layers])
+        for T in T_list}
     return EvaluationReport(
         images=images,
         T_list=T_list,
@@ -414,4 +439,8 @@ def evaluate(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] |
         quiet_steps={"mean": quiet_steps_sum / images, "max": quiet_steps_max, "of": T_max} if stop_when_quiet
         else None,
         provenance=provenance(device_text),
+        ann_traffic=NetworkTraffic(layer_traffic(ann_counts, ann_ops.sizes, images), []) if ann_counts is not None
+        else None,
+        snn_traffic=snn_traffic,
+        energy_preset=energy_preset,
     )

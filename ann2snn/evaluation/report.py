@@ -83,6 +83,97 @@ def _network_rows(document: Document) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _significant_energy(microjoules: float) -> str:
+    """Three significant digits: a layer's share can be a thousandth of a µJ."""
+    return f"{microjoules:.3g} µJ"
+
+
+def _ratio(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def _memory_energy_rows(memory: Document) -> tuple[list[str], list[list[str]]]:
+    """One row per network (ANN, SNN at each T): the memory-aware energy per image by term, and the ratio."""
+    header = ["Network", "T", "Weights", "Activations/spikes", "Membranes", "Operations", "Total", "ANN/SNN"]
+    terms = memory["terms"]
+
+    def row(network: str, T: str, values: Document, ratio: str) -> list[str]:
+        return [network, T, *(_significant_energy(values[f"{term}_uj"]) for term in (
+            "weights", "activations", "membranes", "operations", "total")), ratio]
+
+    rows = [row("ANN", "–", terms["ann"], "1.00")] if terms["ann"] is not None else []
+    ratios = memory["ann_over_snn"] or {}
+    rows += [row("SNN", T, values, _ratio(ratios.get(T))) for T, values in terms["snn"].items()]
+    return header, rows
+
+
+def _memory_layer_rows(layers: list[Document]) -> tuple[list[str], list[list[str]]]:
+    """Per layer of one network: what it reads and computes per image, its operation-only energy and its
+    memory-aware terms (spiking layers: their membranes and updates)."""
+    header = ["Layer", "Weight reads", "Input reads", "MACs", "ACs", "Operation-only", "Weights", "Activations/spikes",
+              "Membranes", "Operations", "Memory-aware"]
+    rows = []
+    for layer in layers:
+        if layer["kind"] == "synaptic":
+            counts = [si_prefixed(layer["weight_reads"]), si_prefixed(layer["spike_reads"] + layer["value_reads"]),
+                      si_prefixed(layer["multiply_accumulates"]), si_prefixed(layer["accumulates"])]
+        else:
+            counts = ["–", "–", "–", f"{si_prefixed(layer['neurons'] * layer['steps'] + layer['spikes'])} (updates)"]
+        rows.append([layer["name"], *counts, *(_significant_energy(layer[f"{term}_uj"]) for term in (
+            "operation_only", "weights", "activations", "membranes", "operations", "total"))])
+    return header, rows
+
+
+def _kibibytes(size: int) -> str:
+    return f"{size / 1024 ** 2:g} MiB" if size >= 1024 ** 2 else f"{size / 1024:g} KiB"
+
+
+def memory_assumptions(memory: Document) -> str:
+    """The preset, constants and sources the memory-aware figures rest on, in one paragraph."""
+    preset = memory["constants"]
+    sram = ", ".join(f"{_kibibytes(point['bytes'])} {point['pj_per_64_bits']:g} pJ"
+                     for point in preset["sram_pj_per_word"])
+    kinds = ("weight", "activation", "spike", "membrane")
+    widths = ", ".join(f"{preset[f'{kind}_bits']}-bit {kind}s" for kind in kinds)
+    return (f"Memory-aware energy, preset `{memory['preset']}` ({preset['description']}): "
+            f"E_MAC = {preset['e_mac_pj']:g} pJ, E_AC = {preset['e_ac_pj']:g} pJ; {widths}; per 64-bit access: SRAM "
+            f"{sram}, DRAM {preset['dram_pj_per_word']:g} pJ. {memory['model']} Sources: {preset['sources']}.")
+
+
+def _memory_sections(document: Document) -> list[str]:
+    """report.md's memory-aware energy: totals, assumptions, and each network's layers; nothing for reports
+    written before it was recorded."""
+    memory = document.get("energy_memory")
+    if not memory:
+        return []
+    per_layer = memory["per_layer"]
+    sections = ["## Memory-aware energy per image\n\n" + _markdown_table(*_memory_energy_rows(memory)),
+                memory_assumptions(memory)]
+    if per_layer["ann"] is not None:
+        sections.append("### ANN per layer\n\n" + _markdown_table(*_memory_layer_rows(per_layer["ann"])))
+    sections.append(f"### SNN per layer at T = {per_layer['T']}\n\n"
+                    + _markdown_table(*_memory_layer_rows(per_layer["snn"])))
+    sections.append("Operation-only: the layer's share of the operation-only energy of the first table (E_MAC x "
+                    "MACs + E_AC x ACs). Input reads: every input entry of the ANN, the spike events and graded values "
+                    "of the SNN, each written into and read from the layer's input buffer; a spiking layer's updates: "
+                    "one per neuron per step and one per spike.")
+    return sections
+
+
+def _memory_summary(document: Document) -> str:
+    """The terminal summary's line on the memory-aware energy at the largest T; empty without it."""
+    memory = document.get("energy_memory")
+    if not memory:
+        return ""
+    T = str(memory["per_layer"]["T"])
+    ann = memory["ann_uj_per_image"]
+    ratio = (memory["ann_over_snn"] or {}).get(T)
+    return (f"Memory-aware energy ({memory['preset']}): "
+            + (f"ANN {_significant_energy(ann)}, " if ann is not None else "")
+            + f"SNN {_significant_energy(memory['snn_uj_per_image'][T])} at T = {T}"
+            + (f" (ANN/SNN {_ratio(ratio)})" if ratio is not None else "") + ".")
+
+
 def _layer_rows(document: Document) -> tuple[list[str], list[list[str]]]:
     header = ["Layer", "Neurons", "Spikes/img", "Firing rate", "Never fired"]
     rows = [[layer["name"], str(layer["neurons"]), si_prefixed(layer["spikes_per_image"]),
@@ -210,6 +301,7 @@ def markdown(document: Document) -> str:
         _interval_note(document),
         f"Energy constants: {energy['reference']}. {energy['method']} First-layer MACs on the analog input "
         "are counted once per time step for rate coding and once per image for accumulate coding.",
+        *_memory_sections(document),
         f"## Spikes per layer at T = {document['spikes']['T']}\n\n" + _markdown_table(layers_header, layer_rows),
         "Firing rate: spikes per neuron per time step. Never fired: share of the layer's neurons that did not "
         "spike for any evaluated image.",
@@ -240,6 +332,7 @@ def summary(document: Document) -> str:
         text_table(network_header, network_rows),
         "",
         f"Energy: {energy['reference']}.",
+        _memory_summary(document),
     ]
     if document.get("quiet_steps"):
         lines.append(_quiet_line(document))

@@ -20,11 +20,14 @@ Two ways of counting, per sample and time step:
   everywhere) the dense count.
 
 Energy constants: 45 nm CMOS, 32-bit floating point (Horowitz, "Computing's energy problem", ISSCC
-2014), the values the SNN conversion literature uses.
+2014), the values the SNN conversion literature uses. This is the operation-only estimate; the memory traffic
+counted alongside it per layer (the input entries read, the weights fetched) is priced by
+`ann2snn.evaluation.energy`.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from types import TracebackType
 
 import torch
@@ -43,6 +46,30 @@ _CONNECTION_TENSORS: dict[type, str] = {**{kind: "weight" for kind in WEIGHTED},
                                          Scale: "factor"}
 
 Window = Callable[[], tuple[int, int]]
+
+# What a counter records per synaptic layer and time step, summed over the samples: the operations, and the
+# traffic the memory-aware energy model prices. An input entry is read as a spike event (integer rows, see the
+# module docstring) or as a value to multiply; a weight is read once per synaptic event, or once per pass
+# (sample and step) where the pass needs more fetches than the layer holds synapses: the hardware then streams
+# the layer's weights once instead of fetching them per event.
+COUNTS = ("accumulates", "multiply_accumulates", "spike_reads", "value_reads", "weight_reads")
+Counts = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LayerSize:
+    """A synaptic layer's size: input entries per sample, weight entries stored, and its synapses (non-zero
+    weights)."""
+
+    input_entries: int
+    stored_weights: int
+    synapses: int
+
+
+def total(counts: Counts, quantity: str, steps: int) -> torch.Tensor:
+    """One of `COUNTS` per time step, summed over the layers of a counter's `counts`."""
+    row = COUNTS.index(quantity)
+    return sum((layer[row] for layer in counts.values()), torch.zeros(steps, dtype=torch.float64))
 
 
 def connection_tensor_name(layer: nn.Module) -> str | None:
@@ -84,22 +111,34 @@ class SynapticOperationCounter:
     `accumulates[t]` and `multiply_accumulates[t]` are the ACs and MACs of time step t, summed over
     all samples seen. For a module called on time-folded inputs [steps * batch, ...] (the SNN body),
     `window` returns the (first step, steps) of the current call; by default every call is step 0 of a
-    plain batch. `event_driven=False` counts every call densely, as an ANN computes.
+    plain batch. `event_driven=False` counts every call densely, as an ANN computes. Per layer (by its name
+    in `module`), `counts` holds every quantity of `COUNTS` per time step ([len(COUNTS), steps]) and `sizes`
+    its `LayerSize`.
     """
 
     def __init__(self, module: nn.Module, *, event_driven: bool, steps: int = 1, window: Window | None = None):
         self.module = module
         self.event_driven = event_driven
         self.window = window or (lambda: (0, 1))
-        self.accumulates = torch.zeros(steps, dtype=torch.float64)
-        self.multiply_accumulates = torch.zeros(steps, dtype=torch.float64)
+        self.steps = steps
+        self.counts: dict[str, torch.Tensor] = {}
+        self.sizes: dict[str, LayerSize] = {}
         self._fan_outs: dict[tuple[int, torch.Size], torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
+    @property
+    def accumulates(self) -> torch.Tensor:
+        return total(self.counts, "accumulates", self.steps)
+
+    @property
+    def multiply_accumulates(self) -> torch.Tensor:
+        return total(self.counts, "multiply_accumulates", self.steps)
+
     def __enter__(self) -> SynapticOperationCounter:
-        for layer in self.module.modules():
+        for name, layer in self.module.named_modules():
             if connection_tensor_name(layer) is not None:
-                self._handles.append(layer.register_forward_hook(self._count))
+                self._handles.append(layer.register_forward_hook(
+                    lambda layer, inputs, output, name=name: self._count(name, layer, inputs[0])))
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
@@ -114,21 +153,33 @@ class SynapticOperationCounter:
             self._fan_outs[key] = fan_out(layer, sample_shape).flatten()
         return self._fan_outs[key]
 
-    def _count(self, layer: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        x = inputs[0]
+    def _count(self, name: str, layer: nn.Module, x: torch.Tensor) -> None:
         first_step, steps = self.window()
         fan = self._fan_out(layer, x.shape[1:])
+        if name not in self.sizes:
+            weights = getattr(layer, connection_tensor_name(layer))
+            self.sizes[name] = LayerSize(fan.numel(), weights.numel(), int((weights != 0).sum()))
+            self.counts[name] = torch.zeros(len(COUNTS), self.steps, dtype=torch.float64)
+        synapses = self.sizes[name].synapses
         rows = x.detach().reshape(steps, x.shape[0] // steps, -1)
         if self.event_driven:
             is_spike_row = rows.frac().abs_().amax(-1) == 0
+            active = (rows != 0).to(rows.dtype)
             # In the input's precision: the partial sums are integers, exact in float32 below 2**24
             # per sample, and a float64 copy of every spike tensor would double the simulation's cost.
             event_acs = (rows.abs() @ fan).double()
-            event_macs = ((rows != 0).to(rows.dtype) @ fan).double()
+            fetches = (active @ fan).double()
+            events = active.sum(-1).double()
             acs = torch.where(is_spike_row, event_acs, 0.0).sum(1)
-            macs = torch.where(is_spike_row, 0.0, event_macs).sum(1)
+            macs = torch.where(is_spike_row, 0.0, fetches).sum(1)
+            spike_reads = torch.where(is_spike_row, events, 0.0).sum(1)
+            value_reads = torch.where(is_spike_row, 0.0, events).sum(1)
+            weight_reads = fetches.clamp(max=synapses).sum(1)
         else:
-            acs = torch.zeros(steps, dtype=torch.float64, device=x.device)
-            macs = torch.full((steps,), rows.shape[1], dtype=torch.float64, device=x.device) * fan.sum().double()
-        self.accumulates[first_step:first_step + steps] += acs.cpu()
-        self.multiply_accumulates[first_step:first_step + steps] += macs.cpu()
+            samples = torch.full((steps,), rows.shape[1], dtype=torch.float64, device=x.device)
+            acs = spike_reads = torch.zeros_like(samples)
+            macs = samples * fan.sum().double()
+            value_reads = samples * rows.shape[2]
+            weight_reads = samples * min(float(fan.sum()), synapses)
+        counted = torch.stack([acs, macs, spike_reads, value_reads, weight_reads])
+        self.counts[name][:, first_step:first_step + steps] += counted.cpu()
