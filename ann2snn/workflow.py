@@ -31,6 +31,7 @@ from ann2snn.config import ConversionConfig, QuantizationConfig
 from ann2snn.distributed import shard
 from ann2snn.errors import ConversionWarning
 from ann2snn.evaluation.analysis import Analysis, analyze
+from ann2snn.evaluation.energy import DEFAULT_ENERGY_PRESET
 from ann2snn.evaluation.evaluate import evaluate
 from ann2snn.evaluation.report import write_report
 from ann2snn.interop.onnx import write_onnx_files
@@ -69,7 +70,8 @@ class Execution:
     """How the work runs, not what it computes: batches of `batch_size` (the unit of sharding under
     torchrun), stratified subsets drawn with `seed`, on `device`, simulating within `max_memory` bytes
     (default: half of what is available), and with `stop_when_quiet` (signed neurons) each batch only until
-    its outputs are final."""
+    its outputs are final. `energy_preset` names the hardware the report's memory-aware energy assumes
+    (`ann2snn.evaluation.energy.ENERGY_PRESETS`)."""
 
     batch_size: int = 128
     seed: int = 0
@@ -77,6 +79,7 @@ class Execution:
     progress: bool = True
     max_memory: int | None = None
     stop_when_quiet: bool = False
+    energy_preset: str = DEFAULT_ENERGY_PRESET
 
 
 @dataclass(frozen=True)
@@ -261,7 +264,8 @@ def evaluate_document(snn: SpikingNetwork, ann: nn.Module | None, evaluation: tu
     max_memory = execution.max_memory if execution.max_memory is not None else default_memory_limit(device_of(snn))
     report = evaluate(snn, make_loader(shard(dataset, execution.batch_size), execution.batch_size),
                       T_list or default_T_list(snn.T), ann=ann, chunk_size=chunk_size,
-                      progress=execution.progress, max_memory=max_memory, stop_when_quiet=execution.stop_when_quiet)
+                      progress=execution.progress, max_memory=max_memory, stop_when_quiet=execution.stop_when_quiet,
+                      energy_preset=execution.energy_preset)
     return {**report.to_json(), "model": model, "data": {**data, "evaluation": evaluation_entry}}
 
 

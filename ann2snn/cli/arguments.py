@@ -240,6 +240,9 @@ def run_arguments() -> argparse.ArgumentParser:
                        help="replace an existing output directory that ann2snn wrote (its .ann2snn-output marker "
                             "lists every file in it); any other directory is refused")
     group.add_argument("--dist-timeout", type=positive_int, metavar="SECONDS",
+    group.add_argument("--energy-preset", choices=vocabulary.ENERGY_PRESETS, default=vocabulary.DEFAULT_ENERGY_PRESET,
+                       help="the hardware the report's memory-aware energy assumes: operation costs, bit widths and "
+                            f"memory access costs (default {vocabulary.DEFAULT_ENERGY_PRESET})")
                        default=int(vocabulary.DEFAULT_DIST_TIMEOUT.total_seconds()),
                        help="under torchrun: how long a process waits for the others in a collective before "
                             f"failing (default {int(vocabulary.DEFAULT_DIST_TIMEOUT.total_seconds())})")
@@ -288,6 +291,7 @@ def execution(args: argparse.Namespace) -> Execution:
 
 def preprocessing_overrides(args: argparse.Namespace) -> dict[str, Any]:
     given = {"mean": numbers(args.mean, float), "std": numbers(args.std, float),
+                     energy_preset=args.energy_preset,
              "image_size": numbers(args.image_size, int), "resize": args.resize}
     return {key: value for key, value in given.items() if value is not None}
 

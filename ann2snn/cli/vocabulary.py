@@ -140,3 +140,8 @@ THRESHOLD_LEVELS: tuple[str, ...] = _read(lambda: _resolve("ann2snn.config", "TH
 _SPIKING = "ann2snn.compiler.passes.calibrate_spiking"
 SPIKING_CALIBRATIONS: tuple[str, ...] = _read(lambda: _keys(_SPIKING, "SPIKING_CALIBRATIONS"),
                                               lambda: tuple(_library(_SPIKING).SPIKING_CALIBRATIONS))
+_ENERGY = "ann2snn.evaluation.energy"
+ENERGY_PRESETS: tuple[str, ...] = _read(lambda: _keys(_ENERGY, "ENERGY_PRESETS"),
+                                        lambda: tuple(_library(_ENERGY).ENERGY_PRESETS))
+DEFAULT_ENERGY_PRESET: str = _read(lambda: _resolve(_ENERGY, "DEFAULT_ENERGY_PRESET"),
+                                   lambda: _library(_ENERGY).DEFAULT_ENERGY_PRESET)

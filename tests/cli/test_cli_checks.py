@@ -194,6 +194,7 @@ def test_the_vocabulary_the_options_offer_is_the_library_s() -> None:
     from ann2snn.cli import vocabulary
     from ann2snn.compiler.observers import THRESHOLD_RULES
     from ann2snn.compiler.passes.calibrate_spiking import SPIKING_CALIBRATIONS
+    from ann2snn.evaluation import energy
     from ann2snn.interop.onnx import FILE_NAMES, FORMATS
     from ann2snn.runtime.encoding import ENCODINGS
     from ann2snn.runtime.neuron_kinds import NEURON_KINDS
@@ -207,6 +208,8 @@ def test_the_vocabulary_the_options_offer_is_the_library_s() -> None:
     assert (vocabulary.ENCODINGS, vocabulary.PRUNE_MODES) == (ENCODINGS, PRUNE_MODES)
     assert (vocabulary.ONNX_FORMATS, vocabulary.ONNX_FILE_NAMES) == (FORMATS, FILE_NAMES)
     assert vocabulary.DEFAULT_DIST_TIMEOUT == distributed.DEFAULT_TIMEOUT
+    assert vocabulary.ENERGY_PRESETS == tuple(energy.ENERGY_PRESETS)
+    assert vocabulary.DEFAULT_ENERGY_PRESET == energy.DEFAULT_ENERGY_PRESET
     defaults = config.ConversionConfig()
     for part, field, value in [("SimulationConfig", "T", defaults.simulation.T),
                                ("QuantizationConfig", "qbits", defaults.quantization.qbits),
@@ -217,3 +220,13 @@ def test_the_vocabulary_the_options_offer_is_the_library_s() -> None:
                                ("EncodingConfig", "seed", defaults.encoding.seed),
                                ("SpikingCalibrationConfig", "images", defaults.calibration.images)]:
         assert vocabulary.config_default(part, field) == value, (part, field)
+
+
+def test_the_energy_preset_option_reaches_the_run() -> None:
+    from ann2snn.cli import arguments
+    from ann2snn.cli.main import build_parser
+
+    chosen = build_parser().parse_args(["eval", "x.pt", "--device", "cpu", "--energy-preset", "int8-45nm"])
+    default = build_parser().parse_args(["eval", "x.pt", "--device", "cpu"])
+    assert arguments.execution(chosen).energy_preset == "int8-45nm"
+    assert arguments.execution(default).energy_preset == "fp32-45nm"
