@@ -235,14 +235,14 @@ def run_arguments() -> argparse.ArgumentParser:
     group.add_argument("--stop-when-quiet", action="store_true",
                        help="signed neurons: simulate each batch only until no neuron fires (its outputs are "
                             "final); the report gives the steps per image")
+    group.add_argument("--energy-preset", choices=vocabulary.ENERGY_PRESETS, default=vocabulary.DEFAULT_ENERGY_PRESET,
+                       help="the hardware the report's memory-aware energy assumes: operation costs, bit widths and "
+                            f"memory access costs (default {vocabulary.DEFAULT_ENERGY_PRESET})")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
     group.add_argument("--force", action="store_true",
                        help="replace an existing output directory that ann2snn wrote (its .ann2snn-output marker "
                             "lists every file in it); any other directory is refused")
     group.add_argument("--dist-timeout", type=positive_int, metavar="SECONDS",
-    group.add_argument("--energy-preset", choices=vocabulary.ENERGY_PRESETS, default=vocabulary.DEFAULT_ENERGY_PRESET,
-                       help="the hardware the report's memory-aware energy assumes: operation costs, bit widths and "
-                            f"memory access costs (default {vocabulary.DEFAULT_ENERGY_PRESET})")
                        default=int(vocabulary.DEFAULT_DIST_TIMEOUT.total_seconds()),
                        help="under torchrun: how long a process waits for the others in a collective before "
                             f"failing (default {int(vocabulary.DEFAULT_DIST_TIMEOUT.total_seconds())})")
@@ -286,12 +286,12 @@ def execution(args: argparse.Namespace) -> Execution:
 
     return Execution(batch_size=args.batch_size, seed=args.seed, device=device(args.device),
                      progress=not args.no_progress and is_main_process(), stop_when_quiet=args.stop_when_quiet,
+                     energy_preset=args.energy_preset,
                      max_memory=int(args.max_memory * MEBIBYTE) if args.max_memory is not None else None)
 
 
 def preprocessing_overrides(args: argparse.Namespace) -> dict[str, Any]:
     given = {"mean": numbers(args.mean, float), "std": numbers(args.std, float),
-                     energy_preset=args.energy_preset,
              "image_size": numbers(args.image_size, int), "resize": args.resize}
     return {key: value for key, value in given.items() if value is not None}
 
