@@ -20,6 +20,7 @@ import torch
 
 from ann2snn.compiler.observers import THRESHOLD_RULES
 from ann2snn.compiler.passes.calibrate_spiking import NO_CALIBRATION, SPIKING_CALIBRATIONS
+from ann2snn.compiler.passes.reconstruct_blocks import NO_RECONSTRUCTION, RECONSTRUCTIONS
 from ann2snn.compiler.qbits import QBits, check_qbits_spec
 from ann2snn.runtime.coding import RATE
 from ann2snn.runtime.encoding import SPIKE_ENCODINGS, check_encoding
@@ -45,12 +46,15 @@ def _set(instance: Any, name: str, value: Any) -> None:
 class QuantizationConfig:
     """The QANN: `qbits` bits per activation (one number, or a mapping as in `ann2snn.compiler.qbits`),
     thresholds calibrated by `threshold_rule` (`percentile` takes the `percentile`-th percentile), per
-    layer or per channel (`per_channel` None, default: see `channelwise_thresholds`)."""
+    layer or per channel (`per_channel` None, default: see `channelwise_thresholds`), then, by `reconstruction`
+    (a method of `ann2snn.compiler.passes.reconstruct_blocks.RECONSTRUCTIONS`, "none" by default), fitted block by
+    block to the float ANN on the calibration images (not with fine-tuned thresholds, which need no fitting)."""
 
     qbits: QBits = 4
     threshold_rule: str = "mse"
     percentile: float = 99.99
     per_channel: bool | None = None
+    reconstruction: str = NO_RECONSTRUCTION
 
     def __post_init__(self) -> None:
         check_qbits_spec(self.qbits)
@@ -65,12 +69,16 @@ class QuantizationConfig:
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile!r}")
         if self.per_channel is not None and not isinstance(self.per_channel, bool):
             raise ValueError(f"per_channel must be True, False or None, got {self.per_channel!r}")
+        if self.reconstruction not in RECONSTRUCTIONS:
+            raise ValueError(f"unknown reconstruction {self.reconstruction!r}; choose one of {tuple(RECONSTRUCTIONS)}")
 
     def to_dict(self) -> dict[str, Any]:
         record = {"qbits": dict(self.qbits) if isinstance(self.qbits, Mapping) else self.qbits,
                   "threshold_rule": self.threshold_rule, "per_channel": self.per_channel}
         if self.threshold_rule == PERCENTILE_RULE:
             record["percentile"] = self.percentile
+        if self.reconstruction != NO_RECONSTRUCTION:
+            record["reconstruction"] = self.reconstruction
         return record
 
 
@@ -229,7 +237,7 @@ def quantization_config(config: QuantizationConfig | ConversionConfig | QBits | 
 
 # The flat record's keys and the part of the configuration each belongs to.
 _PART_OF = {
-    **dict.fromkeys(("qbits", "threshold_rule", "percentile", "per_channel"), "quantization"),
+    **dict.fromkeys(("qbits", "threshold_rule", "percentile", "per_channel", "reconstruction"), "quantization"),
     **dict.fromkeys(("T", "chunk_size"), "simulation"),
     **dict.fromkeys(("neuron", "max_spikes_per_step", "neuron_options"), "neuron"),
     **dict.fromkeys(("encoding", "encoding_seed", "input_mean", "input_std"), "encoding"),

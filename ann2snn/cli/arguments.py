@@ -157,6 +157,11 @@ def conversion_arguments() -> argparse.ArgumentParser:
     group.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=None,
                        help="one threshold per channel, or per layer (--no-per-channel); default: per channel "
                             "where thresholds are chosen for T steps (see --threshold-levels), per layer otherwise")
+    group.add_argument("--reconstruction", choices=vocabulary.RECONSTRUCTIONS,
+                       help="after threshold calibration, fit each block's weights to the float ANN's block output "
+                            "on the calibration images: biases only (bias), weights and biases (weights), and the "
+                            "thresholds too (block), or not (none); default "
+                            f"{config_default('QuantizationConfig', 'reconstruction')}")
     group.add_argument("--threshold-levels", choices=vocabulary.THRESHOLD_LEVELS,
                        help="rate-coded neurons: choose thresholds for the T levels a neuron resolves in T steps "
                             "(steps) or for the QANN's 2**qbits - 1 (bits); default "
@@ -380,6 +385,7 @@ def conversion_settings(args: argparse.Namespace) -> dict[str, Any]:
     given = {"qbits": _requested_bits(args), "T": args.T, "chunk_size": args.chunk_size, "neuron": args.neuron,
              "max_spikes_per_step": args.max_spikes_per_step, "neuron_options": _neuron_options(args),
              "threshold_rule": args.threshold_rule, "percentile": args.percentile, "per_channel": args.per_channel,
+             "reconstruction": args.reconstruction,
              "encoding": args.encoding, "encoding_seed": args.encoding_seed,
              "threshold_levels": args.threshold_levels, "snn_calibration": args.snn_calibration,
              "snn_calibration_images": args.snn_calibration_images, "readout_delay": args.readout_delay}

@@ -140,6 +140,9 @@ THRESHOLD_LEVELS: tuple[str, ...] = _read(lambda: _resolve("ann2snn.config", "TH
 _SPIKING = "ann2snn.compiler.passes.calibrate_spiking"
 SPIKING_CALIBRATIONS: tuple[str, ...] = _read(lambda: _keys(_SPIKING, "SPIKING_CALIBRATIONS"),
                                               lambda: tuple(_library(_SPIKING).SPIKING_CALIBRATIONS))
+_RECONSTRUCTION = "ann2snn.compiler.passes.reconstruct_blocks"
+RECONSTRUCTIONS: tuple[str, ...] = _read(lambda: _keys(_RECONSTRUCTION, "RECONSTRUCTIONS"),
+                                         lambda: tuple(_library(_RECONSTRUCTION).RECONSTRUCTIONS))
 _ENERGY = "ann2snn.evaluation.energy"
 ENERGY_PRESETS: tuple[str, ...] = _read(lambda: _keys(_ENERGY, "ENERGY_PRESETS"),
                                         lambda: tuple(_library(_ENERGY).ENERGY_PRESETS))

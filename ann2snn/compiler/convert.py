@@ -24,11 +24,13 @@ from ann2snn.compiler.passes import (
     insert_encoder,
     insert_quantizers,
     normalize_activations,
+    reconstruct_blocks,
     remove_identities,
     set_thresholds,
     trace,
 )
 from ann2snn.compiler.passes.calibrate_spiking import NO_CALIBRATION
+from ann2snn.compiler.passes.reconstruct_blocks import NO_RECONSTRUCTION
 from ann2snn.compiler.qbits import QBits, quantizer_bits
 from ann2snn.config import ConversionConfig, QuantizationConfig, channelwise_thresholds, quantization_config
 from ann2snn.distributed import gather_in_order
@@ -77,8 +79,8 @@ def quantize(model: nn.Module, calib_loader: Iterable[Any] | None,
 
     `config` is a `QuantizationConfig` (or a `ConversionConfig`, whose quantization part is used), or, for
     short, the bits: one number, or a mapping of activation names, 'first', 'last' and 'default' to bits
-    (see `ann2snn.compiler.qbits`). Keyword `settings` (qbits, threshold_rule, percentile, per_channel)
-    build it or change it.
+    (see `ann2snn.compiler.qbits`). Keyword `settings` (qbits, threshold_rule, percentile, per_channel,
+    reconstruction) build it or change it.
 
     `thresholds` (quantizer name -> theta, from `finetune`) replace calibration; `calib_loader` then
     only provides an example batch for shapes and may be None. Given a `ConversionConfig` of rate-coded
@@ -94,16 +96,25 @@ def quantize(model: nn.Module, calib_loader: Iterable[Any] | None,
     if first is not None:
         example = check_input_batch(batch_input(first), "calibration batch 0")[:1].to(device_of(model))
         check_model_accepts(model, example)
+    reconstructs = thresholds is None and quantization.reconstruction != NO_RECONSTRUCTION
+    threshold_steps: list[tuple[str, Any]]
     if thresholds is not None:
-        set_activation_thresholds = ("set_thresholds", partial(set_thresholds, thresholds=thresholds))
+        threshold_steps = [("set_thresholds", partial(set_thresholds, thresholds=thresholds))]
     else:
-        set_activation_thresholds = ("calibrate_thresholds", partial(
-            calibrate_thresholds, batches=itertools.chain([first], batches), rule=quantization.threshold_rule,
-            percentile=quantization.percentile, levels=levels))
+        calibration = itertools.chain([first], batches)
+        if reconstructs:  # read once, for both passes
+            calibration = [batch_input(batch) for batch in calibration]
+        threshold_steps = [("calibrate_thresholds", partial(
+            calibrate_thresholds, batches=calibration, rule=quantization.threshold_rule,
+            percentile=quantization.percentile, levels=levels))]
+        if reconstructs:
+            # under torchrun every process fits the same network, on the images of all shards
+            threshold_steps.append(("reconstruct_blocks", partial(
+                reconstruct_blocks, inputs=gather_in_order(calibration), method=quantization.reconstruction)))
     pipeline = PassManager(prepare_pipeline(example).passes + [
         ("insert_quantizers", partial(insert_quantizers, qbits=quantization.qbits,
                                       per_channel=channelwise_thresholds(quantization, levels))),
-        set_activation_thresholds,
+        *threshold_steps,
     ])
     # GraphModules the passes build start in training mode, in which quantizers train (see QCFSQuantizer)
     return pipeline.run(model).eval()

@@ -8,6 +8,7 @@ from ann2snn.compiler.passes.fold_batchnorm import fold_batchnorm
 from ann2snn.compiler.passes.insert_encoder import insert_encoder
 from ann2snn.compiler.passes.insert_quantizers import insert_quantizers
 from ann2snn.compiler.passes.normalize_activations import normalize_activations
+from ann2snn.compiler.passes.reconstruct_blocks import reconstruct_blocks
 from ann2snn.compiler.passes.remove_identities import remove_identities
 from ann2snn.compiler.passes.set_thresholds import set_thresholds
 from ann2snn.compiler.passes.trace import trace
@@ -15,5 +16,5 @@ from ann2snn.compiler.passes.trace import trace
 __all__ = [
     "balance_thresholds", "calibrate_spiking", "calibrate_thresholds", "check_supported", "emit_neurons",
     "fold_batchnorm", "insert_encoder", "insert_quantizers", "normalize_activations", "observing",
-    "remove_identities", "set_thresholds", "trace",
+    "reconstruct_blocks", "remove_identities", "set_thresholds", "trace",
 ]

@@ -1,0 +1,274 @@
+"""Pass 7 follow-up (optional): block reconstruction of the calibrated QANN on the calibration images, in the
+manner of BRECQ (Li et al., ICLR 2021) adapted to a network whose weights stay float and whose activations are
+quantized.
+
+The graph is cut into blocks where a single value is live (the output of a residual block, of a layer in a
+chain), each block ending once it holds a quantizer, and a part without weights of its own (the activation after
+a residual add) joining the block before it; the last block ends at the output. Block by block, in order,
+the block's own convolution and linear layers (and, by method, its quantizers' thresholds) are fitted by Adam so
+that its output on the QANN's input to it (from the blocks already reconstructed) matches, in mean squared
+error, the float ANN's output on the float input. Gradients pass the quantizers' floor by the straight-through
+estimator of `QCFSQuantizer` (training mode), which also gives each threshold an LSQ-like gradient. The QANN
+then corrects, block after block, the error the quantized activations before it made; a block whose fitted
+error on the calibration images is no lower keeps its calibrated values.
+
+Cost: ITERATIONS mini-batches of BATCH_SIZE images per block, forward and backward through the block alone,
+and three forward passes of all images through each block, one float and two quantized (before and after
+fitting); the activations of every image at the current cut are held twice (float and QANN). Adding a method
+is one entry in RECONSTRUCTIONS."""
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ann2snn.compiler.graph_utils import call_sites, floating_dtype
+from ann2snn.compiler.ops import Role, role_of
+from ann2snn.compiler.quantizer import ClippedReLU, QCFSQuantizer
+from ann2snn.errors import ConversionError
+from ann2snn.io.batches import device_of
+
+NO_RECONSTRUCTION = "none"
+# 50 mini-batches of 32 (three passes over 512 images) per block: on the shared ResNet-20 at 4 bits, 200 gave no
+# better test accuracy (80.2 % against 80.5 %, test-1000) in four times the time (tools/reconstruction.py)
+ITERATIONS = 50
+BATCH_SIZE = 32
+# Adam's steps move each value by about its learning rate: weights of trained CIFAR ResNets are ~0.05, thresholds
+# ~1; these keep the steps a correction, not a retraining on 512 images.
+WEIGHT_LR = 1e-4
+THRESHOLD_LR = 1e-3
+# the largest number of images passed through a block at once when computing the inputs of the next one
+FORWARD_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """What a reconstruction method trains in each block."""
+
+    weights: bool
+    thresholds: bool
+
+
+# method -> what it fits (None: nothing, the pass returns the QANN as calibrated)
+RECONSTRUCTIONS: dict[str, Fitted | None] = {
+    NO_RECONSTRUCTION: None,
+    "bias": Fitted(weights=False, thresholds=False),
+    "weights": Fitted(weights=True, thresholds=False),
+    "block": Fitted(weights=True, thresholds=True),
+}
+
+
+@dataclass(frozen=True)
+class Block:
+    """The nodes computed from `start`'s value alone (and constants), in graph order, up to `end`."""
+
+    start: fx.Node
+    nodes: tuple[fx.Node, ...]
+    end: fx.Node
+
+
+def _single_value_cuts(gm: fx.GraphModule) -> list[fx.Node]:
+    """The nodes after which their own value is the only one still needed (constants aside), in graph order."""
+    order = [node for node in gm.graph.nodes if node.op != "output"]
+    position = {node: index for index, node in enumerate(order)}
+    last_use = {node: max((position.get(user, len(order)) for user in node.users), default=-1) for node in order}
+    live: set[fx.Node] = set()
+    cuts = []
+    for index, node in enumerate(order):
+        if node.op != "get_attr":  # a constant can be read anywhere, it never separates two blocks
+            live.add(node)
+        live -= {value for value in live if last_use[value] <= index}
+        if live == {node}:
+            cuts.append(node)
+    return cuts
+
+
+def blocks(gm: fx.GraphModule) -> list[Block]:
+    """The blocks the graph is reconstructed in (see the module docstring)."""
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise ConversionError(f"block reconstruction needs a network of one input, this one has {len(placeholders)}")
+    output = next(node for node in gm.graph.nodes if node.op == "output")
+    result = output.args[0]
+    cuts = set(_single_value_cuts(gm))
+    found: list[Block] = []
+    start, nodes, quantized = placeholders[0], [], False
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        nodes.append(node)
+        quantized = quantized or role_of(gm, node) is Role.QUANTIZER
+        if node in cuts and (quantized or node is result):
+            if found and not any(role_of(gm, member) is Role.WEIGHTED for member in nodes):
+                # nothing of its own to fit (the activation after a residual add): it ends the block before
+                previous = found.pop()
+                start, nodes = previous.start, [*previous.nodes, *nodes]
+            found.append(Block(start, tuple(nodes), node))
+            start, nodes, quantized = node, [], False
+    return found
+
+
+def block_module(gm: fx.GraphModule, block: Block) -> fx.GraphModule:
+    """The block as a module of its input, sharing `gm`'s submodules (training it trains `gm`)."""
+    graph = fx.Graph()
+    env = {block.start: graph.placeholder(block.start.name)}
+
+    def value(node: fx.Node) -> fx.Node:
+        if node not in env:  # a constant (get_attr): every other value a block reads is its start or its own
+            env[node] = graph.node_copy(node, value)
+        return env[node]
+
+    for node in block.nodes:
+        env[node] = graph.node_copy(node, value)
+    graph.output(env[block.end])
+    return fx.GraphModule(gm, graph)
+
+
+def float_network(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of the QANN with every quantizer back to its float activation, clamp(x, 0, upper): the ANN."""
+    reference = copy.deepcopy(gm)
+    for name, module in list(reference.named_modules()):
+        if isinstance(module, QCFSQuantizer):
+            reference.add_submodule(name, ClippedReLU(module.upper))
+    return reference
+
+
+def _same_block(reference: fx.GraphModule, block: Block) -> Block:
+    nodes = {node.name: node for node in reference.graph.nodes}
+    return Block(nodes[block.start.name], tuple(nodes[node.name] for node in block.nodes), nodes[block.end.name])
+
+
+def _trained(gm: fx.GraphModule, block: Block, fitted: Fitted) -> tuple[list[nn.Parameter], list[QCFSQuantizer]]:
+    """The block's weights (or biases alone) and quantizers; a module also called outside the block is left as it
+    is, so that fitting one block never changes another."""
+    sites = call_sites(gm)
+    inside = set(block.nodes)
+    own = [gm.get_submodule(node.target) for node in block.nodes
+           if node.op == "call_module" and all(site in inside for site in sites[node.target])]
+    layers = [module for module in own if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
+    parameters = []
+    for layer in layers:
+        if layer.bias is None:
+            layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype,
+                                                  device=layer.weight.device))
+        parameters += [layer.weight, layer.bias] if fitted.weights else [layer.bias]
+    quantizers = [module for module in own if isinstance(module, QCFSQuantizer)] if fitted.thresholds else []
+    return parameters, quantizers
+
+
+def _fitted_tensors(parameters: list[nn.Parameter], quantizers: list[QCFSQuantizer]) -> list[torch.Tensor]:
+    return [*parameters, *(quantizer.theta for quantizer in quantizers)]
+
+
+@torch.no_grad()
+def _restore(parameters: list[nn.Parameter], quantizers: list[QCFSQuantizer], values: list[torch.Tensor]) -> None:
+    for tensor, value in zip(_fitted_tensors(parameters, quantizers), values):
+        tensor.copy_(value)
+
+
+@contextmanager
+def _training(module: fx.GraphModule, parameters: list[nn.Parameter],
+              quantizers: list[QCFSQuantizer]) -> Iterator[list[torch.Tensor]]:
+    """The block in eval form except its quantizers, which train (straight-through floor); the trained tensors
+    require gradients meanwhile. Yields the thresholds as leaves to optimise."""
+    modes = {submodule: submodule.training for submodule in module.modules()}
+    flags = {parameter: parameter.requires_grad for parameter in parameters}
+    module.eval()
+    for submodule in module.modules():
+        if isinstance(submodule, QCFSQuantizer):
+            submodule.train()
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    thresholds = [quantizer.theta.detach().clone().requires_grad_(True) for quantizer in quantizers]
+    for quantizer, theta in zip(quantizers, thresholds):
+        quantizer.theta = theta
+    try:
+        yield thresholds
+    finally:
+        for quantizer in quantizers:
+            quantizer.theta = quantizer.theta.detach()
+        for parameter, flag in flags.items():
+            parameter.requires_grad_(flag)
+        for submodule, mode in modes.items():
+            submodule.train(mode)
+
+
+def _fit(module: fx.GraphModule, parameters: list[nn.Parameter], quantizers: list[QCFSQuantizer],
+         inputs: torch.Tensor, targets: torch.Tensor, iterations: int, batch_size: int,
+         generator: torch.Generator) -> None:
+    with _training(module, parameters, quantizers) as thresholds, torch.enable_grad():
+        groups = [{"params": parameters, "lr": WEIGHT_LR}] + ([{"params": thresholds, "lr": THRESHOLD_LR}]
+                                                               if thresholds else [])
+        optimizer = torch.optim.Adam(groups)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, iterations)
+        for _ in range(iterations):
+            index = torch.randint(len(inputs), (min(batch_size, len(inputs)),), generator=generator).to(inputs.device)
+            loss = F.mse_loss(module(inputs[index]), targets[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            with torch.no_grad():
+                for theta in thresholds:
+                    theta.clamp_(min=torch.finfo(theta.dtype).tiny)
+
+
+@torch.no_grad()
+def _outputs(module: fx.GraphModule, inputs: torch.Tensor) -> torch.Tensor:
+    return torch.cat([module(chunk) for chunk in inputs.split(FORWARD_CHUNK)])
+
+
+def block_errors(gm: fx.GraphModule, reference: fx.GraphModule, inputs: torch.Tensor) -> list[float]:
+    """Per block, the mean squared error of the QANN `gm`'s block output (on the QANN's own input to it) against
+    the float network `reference`'s (on its own): what reconstruction minimises."""
+    errors = []
+    quantized = floating = inputs
+    with torch.no_grad():
+        for block in blocks(gm):
+            quantized = _outputs(block_module(gm, block), quantized)
+            floating = _outputs(block_module(reference, _same_block(reference, block)), floating)
+            errors.append(float(F.mse_loss(quantized, floating)))
+    return errors
+
+
+def reconstruct_blocks(gm: fx.GraphModule, inputs: Sequence[torch.Tensor] | torch.Tensor, method: str = "block",
+                       iterations: int = ITERATIONS, batch_size: int = BATCH_SIZE, seed: int = 0) -> fx.GraphModule:
+    """Reconstruct the calibrated QANN `gm` block by block on `inputs` (the calibration images, a tensor or its
+    batches) by `method` of RECONSTRUCTIONS; mini-batches are drawn with `seed`."""
+    if method not in RECONSTRUCTIONS:
+        raise ValueError(f"unknown reconstruction {method!r}; choose one of {tuple(RECONSTRUCTIONS)}")
+    fitted = RECONSTRUCTIONS[method]
+    if fitted is None:
+        return gm
+    if any(not quantizer.calibrated for quantizer in gm.modules() if isinstance(quantizer, QCFSQuantizer)):
+        raise ConversionError("block reconstruction needs a calibrated QANN: calibrate the thresholds first")
+    images = torch.cat(list(inputs)) if not isinstance(inputs, torch.Tensor) else inputs
+    if len(images) == 0:
+        raise ConversionError("block reconstruction got no calibration images")
+    quantized = floating = images.to(device_of(gm), floating_dtype(gm))
+    reference = float_network(gm)
+    generator = torch.Generator().manual_seed(seed)
+    for block in blocks(gm):
+        module = block_module(gm, block)
+        targets = _outputs(block_module(reference, _same_block(reference, block)), floating)
+        parameters, quantizers = _trained(gm, block, fitted)
+        outputs = _outputs(module, quantized)
+        if parameters or quantizers:
+            calibrated = [tensor.detach().clone() for tensor in _fitted_tensors(parameters, quantizers)]
+            _fit(module, parameters, quantizers, quantized, targets, iterations, batch_size, generator)
+            fitted_outputs = _outputs(module, quantized)
+            if F.mse_loss(fitted_outputs, targets) < F.mse_loss(outputs, targets):
+                outputs = fitted_outputs
+            else:
+                # the straight-through gradient is an estimate: where its steps did not lower the block's error
+                # on the calibration images (a block whose input is exact, like the first), the block stays
+                _restore(parameters, quantizers, calibrated)
+        quantized, floating = outputs, targets
+    return gm
