@@ -158,9 +158,9 @@ def conversion_arguments() -> argparse.ArgumentParser:
                        help="one threshold per channel, or per layer (--no-per-channel); default: per channel "
                             "where thresholds are chosen for T steps (see --threshold-levels), per layer otherwise")
     group.add_argument("--reconstruction", choices=vocabulary.RECONSTRUCTIONS,
-                       help="after threshold calibration, fit each block's weights to the float ANN's block output "
-                            "on the calibration images: biases only (bias), weights and biases (weights), and the "
-                            "thresholds too (block), or not (none); default "
+                       help="after threshold calibration, fit the weights and biases of each block of the QANN to "
+                            "the float ANN's block output on the calibration images (weights), or not (none); "
+                            "default "
                             f"{config_default('QuantizationConfig', 'reconstruction')}")
     group.add_argument("--threshold-levels", choices=vocabulary.THRESHOLD_LEVELS,
                        help="rate-coded neurons: choose thresholds for the T levels a neuron resolves in T steps "

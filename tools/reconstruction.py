@@ -1,0 +1,71 @@
+"""What block reconstruction (`ann2snn.compiler.passes.reconstruct_blocks`) adds to the post-training QANN: its
+accuracy on test-1000 at each bit width, calibrated on train-calib-512, without and with each method, and the
+seconds `ann2snn.quantize` takes (threshold calibration included), on one torch thread.
+
+    python tools/reconstruction.py [--models resnet20,resnet56] [--bits 2,3,4] [--methods none,weights]
+                                   [--eval-size N]
+
+The QANN is the one `ann2snn.quantize` gives (thresholds for the quantizers' own 2**bits - 1 levels, per layer,
+mse rule): the one a conversion with `--threshold-levels bits` reproduces. Prints a markdown table."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import ann2snn  # noqa: E402
+from ann2snn.compiler.passes.reconstruct_blocks import RECONSTRUCTIONS  # noqa: E402
+from ann2snn.evaluation.statistics import accuracy_interval  # noqa: E402
+from ann2snn.io.data import ListFileDataset, make_loader, shared_dir, stratified_subset  # noqa: E402
+from ann2snn.io.model_loading import load_model  # noqa: E402
+
+MODELS = {"resnet20": "resnet20-cifar10.th", "resnet56": "resnet56-cifar10-chenyaofo.pt"}
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, batches: list) -> float:
+    correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in batches)
+    return correct / sum(len(y) for _, y in batches)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(MODELS), help=f"of: {', '.join(MODELS)}")
+    parser.add_argument("--bits", default="2,3,4")
+    parser.add_argument("--methods", default="none,weights", help=f"of: {', '.join(RECONSTRUCTIONS)}")
+    parser.add_argument("--eval-size", type=int, help="a stratified subset of test-1000")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    subsets = shared_dir() / "data" / "cifar10" / "subsets"
+    print(f"torch {torch.__version__}, ann2snn {ann2snn.__version__}, {torch.get_num_threads()} thread")
+    print("| model | ANN | bits | reconstruction | QANN (95 % interval) | quantize s |")
+    print("|---|---|---|---|---|---|")
+    for name in args.models.split(","):
+        loaded = load_model(shared_dir() / "models" / MODELS[name])
+        transform = loaded.preprocessing.transform()
+        calibration = [x for x, _ in make_loader(ListFileDataset(subsets / "train-calib-512.txt",
+                                                                 transform=transform), 128)]
+        test = ListFileDataset(subsets / "test-1000.txt", transform=transform)
+        if args.eval_size:
+            test = stratified_subset(test, args.eval_size, seed=0)
+        batches = list(make_loader(test, 250))
+        images = sum(len(y) for _, y in batches)
+        ann = accuracy(loaded.model.eval(), batches)
+        for bits in (int(bits) for bits in args.bits.split(",")):
+            for method in args.methods.split(","):
+                start = time.perf_counter()
+                qann = ann2snn.quantize(loaded.model, calibration, qbits=bits, reconstruction=method)
+                seconds = time.perf_counter() - start
+                qann_accuracy = accuracy(qann, batches)
+                low, high = accuracy_interval(qann_accuracy, images)
+                print(f"| {name} | {100 * ann:.1f} | {bits} | {method} | {100 * qann_accuracy:.1f} "
+                      f"({100 * low:.1f}-{100 * high:.1f}) | {seconds:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
