@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ann2snn.cli.main import main
+from ann2snn.io.data import ListFileDataset, cifar10_transform, make_loader
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -107,3 +108,10 @@ def run_in_chunks(module, sequence: torch.Tensor, chunk: int) -> torch.Tensor:
         out = module(window.flatten(0, 1))
         outputs.append(out.reshape(window.shape[:2] + out.shape[1:]))
     return torch.cat(outputs)
+
+
+def shared_cifar10_images(shared: Path, subset: str, count: int) -> torch.Tensor:
+    """The first `count` images of a list file in the shared `subsets/` folder (e.g. "test-1000.txt"), in the
+    CIFAR-10 normalisation the shared ResNet-20 was trained with."""
+    dataset = ListFileDataset(shared / "data" / "cifar10" / "subsets" / subset, transform=cifar10_transform())
+    return next(iter(make_loader(dataset, count)))[0]

@@ -31,10 +31,9 @@ from torch import nn
 import ann2snn
 from ann2snn.errors import ConversionError
 from ann2snn.interop.nir import export_nir, import_nir
-from ann2snn.io.data import ListFileDataset, cifar10_transform, make_loader
 from ann2snn.io.model_loading import load_model
 from ann2snn.runtime.layers import Scale
-from tests.helpers import run_cli
+from tests.helpers import run_cli, shared_cifar10_images
 
 nir = pytest.importorskip("nir")
 snntorch = pytest.importorskip("snntorch")
@@ -180,12 +179,9 @@ def test_vgg_with_average_pooling_is_identical_in_every_simulator(tmp_path) -> N
 
 @pytest.fixture(scope="module")
 def resnet20(shared):
-    subsets = shared / "data" / "cifar10" / "subsets"
     model = load_model(shared / "models" / "resnet20-cifar10.th").model
-    calibration = next(iter(make_loader(ListFileDataset(subsets / "train-calib-512.txt",
-                                                        transform=cifar10_transform()), 64)))[0]
-    images = next(iter(make_loader(ListFileDataset(subsets / "test-1000.txt", transform=cifar10_transform()), 4)))[0]
-    return model, calibration, images
+    calibration = shared_cifar10_images(shared, "train-calib-512.txt", 64)
+    return model, calibration, shared_cifar10_images(shared, "test-1000.txt", 4)
 
 
 @pytest.mark.shared
@@ -207,6 +203,9 @@ def test_metadata_states_the_semantics(tmp_path) -> None:
     assert metadata["reset"] == "subtract" and metadata["spike_condition"] == "v >= v_threshold"
     assert metadata["initial_membrane"] == 0.5 and metadata["dt"] == 1.0
     assert metadata["T"] == 12 and metadata["readout_start"] == 6 == snn.readout_start(12)
+    export_nir(snn, tmp_path / "vgg-20.nir", (3, 16, 16), T=20)
+    metadata = nir.read(tmp_path / "vgg-20.nir").metadata
+    assert metadata["T"] == 20 and metadata["readout_start"] == 10 and snn.T == 12
 
 
 def test_lif_round_trip_through_our_importer(tmp_path) -> None:
@@ -301,6 +300,7 @@ def test_cli_export_nir_keeps_user_files(tmp_path, capsys) -> None:
     code, out, err = run_cli(capsys, "export", tmp_path, "--format", "nir")
     assert code == 0, err
     assert "snn.nir" in out and isinstance(nir.read(tmp_path / "snn.nir"), nir.NIRGraph)
-    code, _, err = run_cli(capsys, "export", tmp_path, "--format", "nir", "--force")
+    code, _, err = run_cli(capsys, "export", tmp_path, "--format", "nir", "--force", "--T", "8")
     assert code == 0, err
+    assert nir.read(tmp_path / "snn.nir").metadata["T"] == 8
     assert bool(torch.isfinite(import_nir(tmp_path / "snn.nir")(torch.randn(2, 3, 16, 16))).all())

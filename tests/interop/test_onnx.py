@@ -22,12 +22,11 @@ import ann2snn
 from ann2snn.cli.main import main
 from ann2snn.errors import ConversionError
 from ann2snn.interop.onnx import FILE_NAMES, FORMATS, onnx_models
-from ann2snn.io.data import ListFileDataset, cifar10_transform, make_loader
 from ann2snn.io.model_loading import Preprocessing, load_model
 from ann2snn.io.output_directory import MARKER
 from ann2snn.runtime.layers import TemporalModule
 from ann2snn.zoo import build_model
-from tests.helpers import assert_rel_close, randomize_bn
+from tests.helpers import assert_rel_close, randomize_bn, shared_cifar10_images
 from tests.networks import DataMovementNet, build, calibration
 
 STANDARD_DOMAINS = {"", "ai.onnx"}
@@ -216,13 +215,9 @@ def to_grid(x: torch.Tensor, bits: int = 6) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def resnet20(shared):
-    subsets = shared / "data" / "cifar10" / "subsets"
     model = load_model(shared / "models" / "resnet20-cifar10.th").model
-    calibration_batch = next(iter(make_loader(ListFileDataset(subsets / "train-calib-512.txt",
-                                                              transform=cifar10_transform()), 128)))[0]
-    test_data = ListFileDataset(subsets / "test-1000.txt", transform=cifar10_transform())
-    test_batch = next(iter(make_loader(test_data, 8)))[0]
-    return model, [calibration_batch], test_batch
+    calibration = shared_cifar10_images(shared, "train-calib-512.txt", 128)
+    return model, [calibration], shared_cifar10_images(shared, "test-1000.txt", 8)
 
 
 @pytest.mark.shared
