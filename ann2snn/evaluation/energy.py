@@ -37,12 +37,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ann2snn.evaluation.synops import COUNTS, E_AC_PJ, E_MAC_PJ, Counts, LayerSize
+from ann2snn.evaluation.synops import COUNTS, PICOJOULES_PER_MICROJOULE, Counts, LayerSize, operation_energy_pj
 
 KIB = 1024
 MIB = 1024 * KIB
 WORD_BITS = 64
-PICOJOULES_PER_MICROJOULE = 1e6
 
 HOROWITZ = ('M. Horowitz, "Computing\'s energy problem (and what we can do about it)", ISSCC 2014, 45 nm at '
             "0.9 V: fp32 add 0.9 / multiply 3.7 pJ, fp16 add 0.4 / multiply 1.1 pJ, int8 add 0.03 / multiply 0.2 "
@@ -204,7 +203,7 @@ def _rows(preset: EnergyPreset, network: NetworkTraffic) -> list[dict[str, Any]]
     rows = []
     for layer in network.synaptic:
         terms = _synaptic_terms(preset, layer)
-        operation_only = layer.counts["multiply_accumulates"] * E_MAC_PJ + layer.counts["accumulates"] * E_AC_PJ
+        operation_only = operation_energy_pj(layer.counts["multiply_accumulates"], layer.counts["accumulates"])
         rows.append({"name": layer.name, "kind": "synaptic", **asdict(layer.size), **layer.counts,
                      **_microjoules({"operation_only": operation_only, **terms, "total": sum(terms.values())})})
     for layer in network.neurons:

@@ -31,7 +31,15 @@ from ann2snn.evaluation.energy import (
 )
 from ann2snn.evaluation.provenance import provenance
 from ann2snn.evaluation.statistics import INTERVAL_METHOD, accuracy_interval
-from ann2snn.evaluation.synops import E_AC_PJ, E_MAC_PJ, ENERGY_REFERENCE, SynapticOperationCounter, total
+from ann2snn.evaluation.synops import (
+    E_AC_PJ,
+    E_MAC_PJ,
+    ENERGY_REFERENCE,
+    PICOJOULES_PER_MICROJOULE,
+    SynapticOperationCounter,
+    operation_energy_pj,
+    total,
+)
 from ann2snn.io.batches import (
     batch_input,
     batch_labels,
@@ -48,7 +56,6 @@ REPORT_FORMAT = "ann2snn-report"
 # An evaluation estimated to take longer is announced with its estimate, after its first chunk of steps.
 LONG_EVALUATION_S = 600.0
 REPORT_VERSION = 1
-_PICOJOULES_PER_MICROJOULE = 1e6
 
 
 @dataclass
@@ -94,11 +101,10 @@ class EvaluationReport:
     def ann_energy_uj(self) -> float | None:
         if self.ann_macs_per_image is None:
             return None
-        return self.ann_macs_per_image * E_MAC_PJ / _PICOJOULES_PER_MICROJOULE
+        return operation_energy_pj(self.ann_macs_per_image) / PICOJOULES_PER_MICROJOULE
 
     def snn_energy_uj(self, T: int) -> float:
-        picojoules = self.snn_macs_per_image[T] * E_MAC_PJ + self.synops_per_image[T] * E_AC_PJ
-        return picojoules / _PICOJOULES_PER_MICROJOULE
+        return operation_energy_pj(self.snn_macs_per_image[T], self.synops_per_image[T]) / PICOJOULES_PER_MICROJOULE
 
     def to_json(self) -> dict[str, Any]:
         """The report.json document: a JSON-compatible dict (maps keyed by T have string keys)."""

@@ -124,14 +124,14 @@ def _memory_layer_rows(layers: list[Document]) -> tuple[list[str], list[list[str
     return header, rows
 
 
-def _kibibytes(size: int) -> str:
+def _memory_size(size: int) -> str:
     return f"{size / 1024 ** 2:g} MiB" if size >= 1024 ** 2 else f"{size / 1024:g} KiB"
 
 
-def memory_assumptions(memory: Document) -> str:
+def _memory_assumptions(memory: Document) -> str:
     """The preset, constants and sources the memory-aware figures rest on, in one paragraph."""
     preset = memory["constants"]
-    sram = ", ".join(f"{_kibibytes(point['bytes'])} {point['pj_per_64_bits']:g} pJ"
+    sram = ", ".join(f"{_memory_size(point['bytes'])} {point['pj_per_64_bits']:g} pJ"
                      for point in preset["sram_pj_per_word"])
     kinds = ("weight", "activation", "spike", "membrane")
     widths = ", ".join(f"{preset[f'{kind}_bits']}-bit {kind}s" for kind in kinds)
@@ -148,7 +148,7 @@ def _memory_sections(document: Document) -> list[str]:
         return []
     per_layer = memory["per_layer"]
     sections = ["## Memory-aware energy per image\n\n" + _markdown_table(*_memory_energy_rows(memory)),
-                memory_assumptions(memory)]
+                _memory_assumptions(memory)]
     if per_layer["ann"] is not None:
         sections.append("### ANN per layer\n\n" + _markdown_table(*_memory_layer_rows(per_layer["ann"])))
     sections.append(f"### SNN per layer at T = {per_layer['T']}\n\n"

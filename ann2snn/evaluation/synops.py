@@ -40,6 +40,12 @@ from ann2snn.runtime.layers import ChannelAffine, Scale
 E_MAC_PJ = 4.6
 E_AC_PJ = 0.9
 ENERGY_REFERENCE = "45 nm CMOS, 32-bit float: E_MAC = 4.6 pJ, E_AC = 0.9 pJ (Horowitz, ISSCC 2014)"
+PICOJOULES_PER_MICROJOULE = 1e6
+
+
+def operation_energy_pj(multiply_accumulates: float, accumulates: float = 0.0) -> float:
+    """The operation-only estimate: E_MAC per multiply-accumulate plus E_AC per accumulate."""
+    return multiply_accumulates * E_MAC_PJ + accumulates * E_AC_PJ
 
 # The tensor of each synaptic layer type whose non-zero entries are its synapses.
 _CONNECTION_TENSORS: dict[type, str] = {**{kind: "weight" for kind in WEIGHTED}, ChannelAffine: "weight",
