@@ -25,7 +25,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ann2snn.compiler.graph_utils import call_sites, free_name
-from ann2snn.compiler.ops import Role, role_of
+from ann2snn.compiler.ops import WEIGHTED, Role, role_of
 from ann2snn.compiler.passes.calibrate_thresholds import observing
 from ann2snn.compiler.quantizer import QCFSQuantizer
 from ann2snn.errors import ConversionWarning
@@ -41,7 +41,6 @@ NO_CALIBRATION = "none"
 BIAS_ITERATIONS = 3
 # The most one activation of the calibration simulation (images x T steps) may take.
 CALIBRATION_WORKING_SET = 1 << 30
-_BIASED_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def channel_means(x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +111,7 @@ def _feeding_layer(gm: fx.GraphModule, node: fx.Node, sites: dict[str, list[fx.N
         if candidate.op != "call_module" or len(candidate.users) != 1 or len(sites[candidate.target]) != 1:
             continue
         layer = gm.get_submodule(candidate.target)
-        if isinstance(layer, _BIASED_LAYERS) and layer.weight.shape[0] == channels:
+        if isinstance(layer, WEIGHTED) and layer.weight.shape[0] == channels:
             return layer
     return None
 

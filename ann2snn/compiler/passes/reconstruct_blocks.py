@@ -21,10 +21,9 @@ is one entry in RECONSTRUCTIONS."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.fx as fx
@@ -32,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ann2snn.compiler.graph_utils import call_sites, floating_dtype
-from ann2snn.compiler.ops import Role, role_of
+from ann2snn.compiler.ops import WEIGHTED, Role, role_of
 from ann2snn.compiler.quantizer import ClippedReLU, QCFSQuantizer
 from ann2snn.errors import ConversionError
 from ann2snn.io.batches import device_of
@@ -141,7 +140,7 @@ def layer_weights(gm: fx.GraphModule, block: Block) -> list[nn.Parameter]:
     """The weights and biases of the block's own convolution and linear layers (a zero bias where one has none)."""
     parameters = []
     for layer in _own_modules(gm, block):
-        if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+        if isinstance(layer, WEIGHTED):
             if layer.bias is None:
                 layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype,
                                                       device=layer.weight.device))
