@@ -160,8 +160,7 @@ def conversion_arguments() -> argparse.ArgumentParser:
     group.add_argument("--reconstruction", choices=vocabulary.RECONSTRUCTIONS,
                        help="after threshold calibration, fit the weights and biases of each block of the QANN to "
                             "the float ANN's block output on the calibration images (weights), or not (none); "
-                            "default "
-                            f"{config_default('QuantizationConfig', 'reconstruction')}")
+                            f"default {config_default('QuantizationConfig', 'reconstruction')}")
     group.add_argument("--threshold-levels", choices=vocabulary.THRESHOLD_LEVELS,
                        help="rate-coded neurons: choose thresholds for the T levels a neuron resolves in T steps "
                             "(steps) or for the QANN's 2**qbits - 1 (bits); default "

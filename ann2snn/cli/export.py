@@ -56,9 +56,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{saved_file} records no input size; pass --image-size C,H,W")
     out.mkdir(parents=True, exist_ok=True)
     if args.format == NIR:
-        if args.T is not None:
-            saved.snn.T = args.T
-        written = [export_nir(saved.snn, out / NIR_FILE_NAME, tuple(image_size))]
+        written = [export_nir(saved.snn, out / NIR_FILE_NAME, tuple(image_size), T=args.T)]
     else:
         written = write_onnx_files(saved.snn, out, formats, input_shape=tuple(image_size), T=args.T)
     record_files(out, [path.name for path in written], f"{PROGRAM} export")

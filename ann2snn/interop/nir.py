@@ -220,8 +220,10 @@ class _Exporter(fx.Interpreter):
 
     def call_module(self, target, args, kwargs):
         module = self.fetch_attr(target)
-        if isinstance(module, SpikingNeuron) or isinstance(module, AddBias):
-            return args[0] + (module.shaped_bias(args[0].ndim) if isinstance(module, AddBias) else 0)
+        if isinstance(module, SpikingNeuron):
+            return args[0]
+        if isinstance(module, AddBias):
+            return args[0] + module.shaped_bias(args[0].ndim)
         return super().call_module(target, args, kwargs)
 
     def _export(self, node: fx.Node, value: Any) -> tuple[str, ...] | None:
@@ -428,11 +430,10 @@ def _neuron_metadata(node: fx.Node, neuron: SpikingNeuron) -> dict[str, Any]:
     return {"layer": str(node.target), "initial_membrane": float(neuron.initial_membrane)}
 
 
-_NEURON_EXPORTERS: dict[type, Callable] = {IFNeuron: _export_if, LIFNeuron: _export_lif}
 # (more specific classes first: LIFNeuron is an IFNeuron)
+_NEURON_EXPORTERS: dict[type, Callable] = {LIFNeuron: _export_lif, IFNeuron: _export_if}
 _MODULE_EXPORTERS: dict[type, Callable] = {
-    LIFNeuron: _export_lif,
-    IFNeuron: _export_if,
+    **_NEURON_EXPORTERS,
     nn.Conv2d: _export_conv,
     nn.Linear: _export_linear,
     nn.AvgPool2d: _export_avg_pool_module,
@@ -564,8 +565,9 @@ def _written(node: Any, nir) -> Any:
                       padding=np.array([0, 0]), dilation=np.array([1, 1]), groups=1, bias=node.bias)
 
 
-def nir_graph(snn: SpikingNetwork, input_shape: tuple[int, ...]) -> Any:
-    """`snn` as a NIRGraph for inputs of shape `input_shape` (C, H, W), after `check_exportable`."""
+def nir_graph(snn: SpikingNetwork, input_shape: tuple[int, ...], T: int | None = None) -> Any:
+    """`snn` as a NIRGraph for inputs of shape `input_shape` (C, H, W), after `check_exportable`; its metadata
+    states `T` steps (default: the network's T) and their read-out window."""
     nir = _nir()
     check_exportable(snn)
     gm = merged_graph(snn)
@@ -577,7 +579,8 @@ def nir_graph(snn: SpikingNetwork, input_shape: tuple[int, ...]) -> Any:
     while _fold_once(graph):
         pass
     nodes = {name: _written(node, nir) for name, node in graph.nodes.items()}
-    metadata = {**SEMANTICS, "T": snn.T, "readout_delay": snn.readout_delay, "readout_start": snn.readout_start(snn.T),
+    T = snn.T if T is None else T
+    metadata = {**SEMANTICS, "T": T, "readout_delay": snn.readout_delay, "readout_start": snn.readout_start(T),
                 "initial_membrane": _uniform_initial_membrane(snn)}
     return _typed_graph(nir, nodes, graph.edges, metadata)
 
@@ -596,11 +599,11 @@ def _uniform_initial_membrane(snn: SpikingNetwork) -> float:
     return initial.pop()
 
 
-def export_nir(snn: SpikingNetwork, path: str | Path, input_shape: tuple[int, ...]) -> Path:
-    """Write `snn` to the NIR file `path` (atomically: readers never see a partial file); see the module
-    docstring for what the file means. Raises ConversionError, before writing anything, for what NIR cannot
-    express."""
-    graph = nir_graph(snn, tuple(input_shape))
+def export_nir(snn: SpikingNetwork, path: str | Path, input_shape: tuple[int, ...], T: int | None = None) -> Path:
+    """Write `snn` to the NIR file `path` (atomically: readers never see a partial file), stating `T` steps
+    (default: the network's T); see the module docstring for what the file means. Raises ConversionError, before
+    writing anything, for what NIR cannot express."""
+    graph = nir_graph(snn, tuple(input_shape), T)
     buffer = io.BytesIO()
     _nir().write(buffer, graph)
     path = Path(path)
@@ -655,12 +658,16 @@ class _ImportContext:
     initial_membrane: float
 
 
+def _pair(value) -> tuple[int, int]:
+    """A NIR size, stride or padding (one number, or one per spatial dimension) as two integers."""
+    return tuple(int(v) for v in np.broadcast_to(value, 2))
+
+
 def _import_conv(node, context: _ImportContext) -> list[nn.Module]:
     weight = _tensor(node.weight)
     conv = nn.Conv2d(weight.shape[1] * int(node.groups), weight.shape[0], tuple(weight.shape[2:]),
-                     stride=tuple(int(s) for s in np.broadcast_to(node.stride, 2)),
-                     padding=tuple(int(p) for p in np.broadcast_to(node.padding, 2)),
-                     dilation=tuple(int(d) for d in np.broadcast_to(node.dilation, 2)), groups=int(node.groups))
+                     stride=_pair(node.stride), padding=_pair(node.padding), dilation=_pair(node.dilation),
+                     groups=int(node.groups))
     with torch.no_grad():
         conv.weight.copy_(weight)
         conv.bias.copy_(_tensor(node.bias))
@@ -679,13 +686,12 @@ def _import_linear(node, context: _ImportContext) -> list[nn.Module]:
 
 
 def _import_avg_pool(node, context: _ImportContext) -> list[nn.Module]:
-    pair = lambda value: tuple(int(v) for v in np.broadcast_to(value, 2))  # noqa: E731
-    return [nn.AvgPool2d(pair(node.kernel_size), pair(node.stride), pair(node.padding))]
+    return [nn.AvgPool2d(_pair(node.kernel_size), _pair(node.stride), _pair(node.padding))]
 
 
 def _import_sum_pool(node, context: _ImportContext) -> list[nn.Module]:
-    pair = lambda value: tuple(int(v) for v in np.broadcast_to(value, 2))  # noqa: E731
-    return [nn.AvgPool2d(pair(node.kernel_size), pair(node.stride), pair(node.padding), divisor_override=1)]
+    # a sum is an average not divided by the kernel's size
+    return [nn.AvgPool2d(_pair(node.kernel_size), _pair(node.stride), _pair(node.padding), divisor_override=1)]
 
 
 def _import_flatten(node, context: _ImportContext) -> list[nn.Module]:
