@@ -33,6 +33,16 @@ class UsageError(Exception):
     """The command line asks for something impossible; nothing has been done yet."""
 
 
+@contextmanager
+def options_refused_as_usage() -> Iterator[None]:
+    """While the options are checked, before any work: a value the library refuses (a ValueError, e.g. from
+    building the configuration) is a usage error like argparse's own (exit 2), not a failed run (exit 1)."""
+    try:
+        yield
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with its usage errors printed as one line, like every other error: argparse prints the whole
     usage first, twenty lines of options above the reason. Options are never abbreviated (`--eval` must not
@@ -381,17 +391,18 @@ def _neuron_options(args: argparse.Namespace) -> dict[str, float] | None:
 def conversion_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The conversion settings the command line gives, as `ann2snn.config` records name them (the others keep
     their defaults); checked here, before any work, by building the configuration they describe."""
-    given = {"qbits": _requested_bits(args), "T": args.T, "chunk_size": args.chunk_size, "neuron": args.neuron,
-             "max_spikes_per_step": args.max_spikes_per_step, "neuron_options": _neuron_options(args),
-             "threshold_rule": args.threshold_rule, "percentile": args.percentile, "per_channel": args.per_channel,
-             "reconstruction": args.reconstruction,
-             "encoding": args.encoding, "encoding_seed": args.encoding_seed,
-             "threshold_levels": args.threshold_levels, "snn_calibration": args.snn_calibration,
-             "snn_calibration_images": args.snn_calibration_images, "readout_delay": args.readout_delay}
     from ann2snn.config import ConversionConfig
 
-    settings = {key: value for key, value in given.items() if value is not None}
-    ConversionConfig.from_dict(settings)
+    with options_refused_as_usage():
+        given = {"qbits": _requested_bits(args), "T": args.T, "chunk_size": args.chunk_size, "neuron": args.neuron,
+                 "max_spikes_per_step": args.max_spikes_per_step, "neuron_options": _neuron_options(args),
+                 "threshold_rule": args.threshold_rule, "percentile": args.percentile,
+                 "per_channel": args.per_channel, "reconstruction": args.reconstruction,
+                 "encoding": args.encoding, "encoding_seed": args.encoding_seed,
+                 "threshold_levels": args.threshold_levels, "snn_calibration": args.snn_calibration,
+                 "snn_calibration_images": args.snn_calibration_images, "readout_delay": args.readout_delay}
+        settings = {key: value for key, value in given.items() if value is not None}
+        ConversionConfig.from_dict(settings)
     return settings
 
 
@@ -423,7 +434,8 @@ def requested_conversion(args: argparse.Namespace, checkpoint: Path, evaluate: b
     run = execution(args)
     # before the model is loaded: the neuron kind is the command line's (a checkpoint sets only its bits)
     kind = settings.get("neuron", config_default("NeuronConfig", "kind"))
-    check_stop_when_quiet(run, NEURON_KINDS[kind].coding)
+    with options_refused_as_usage():
+        check_stop_when_quiet(run, NEURON_KINDS[kind].coding)
     data = data_spec(args.data, DEFAULT_EVALUATION, "--data") if evaluate else None
     calib = data_spec(args.calib, DEFAULT_CALIBRATION, "--calib")
     return convert_checkpoint(load(args, checkpoint), source=checkpoint, calib=calib, eval=data,

@@ -364,5 +364,5 @@ def test_stop_when_quiet_with_signed_neurons(capsys, tmp_path: Path) -> None:
 def test_stop_when_quiet_needs_signed_neurons_before_any_work(capsys, tmp_path: Path) -> None:
     checkpoint = digits_checkpoint(tmp_path)
     code, out, err = run(capsys, *digits_args(checkpoint, "--stop-when-quiet", "--out", tmp_path / "rate"))
-    assert_one_line_error(code, err, 1, "stop when quiet needs signed neurons (accumulate coding), not rate coding")
+    assert_one_line_error(code, err, 2, "stop when quiet needs signed neurons (accumulate coding), not rate coding")
     assert "calibrating" not in err and not (tmp_path / "rate").exists()

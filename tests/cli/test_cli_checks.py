@@ -37,11 +37,13 @@ REPOSITORY = Path(__file__).resolve().parents[2]
 ], ids=["stop-when-quiet-if", "adapt-increase-if", "budget-and-qbits", "signed-poisson", "bad-qbits-config"])
 def test_option_conflicts_are_refused_before_the_model_is_loaded(capsys, tmp_path: Path, options: list[str],
                                                                   fragment: str) -> None:
-    """The checkpoint does not exist: an error about the options proves they were checked first."""
+    """The checkpoint does not exist: an error about the options proves they were checked first. Each is a usage
+    error (exit 2), as README says, whether argparse, the command line's own checks or the configuration refuses
+    the value."""
     (tmp_path / "bits.json").write_text('{"default": "x"}')
     options = [str(tmp_path / "bits.json") if option == "QBITS" else option for option in options]
     code, _, err = run_cli(capsys, "convert", tmp_path / "absent.pt", "--out", tmp_path / "out", *options)
-    line = assert_one_line_error(code, err, code, fragment)
+    line = assert_one_line_error(code, err, 2, fragment)
     assert "absent.pt" not in line and not (tmp_path / "out").exists()
 
 
