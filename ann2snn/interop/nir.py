@@ -14,8 +14,11 @@ What a file of ours means in discrete time (also written into its metadata, `SEM
   neurons, the value of a spike into the weights after them; a scaling that cannot be folded is written as a
   1x1 convolution (or an Affine) with diagonal weights, so that no node other than Conv2d, Affine, AvgPool2d,
   Flatten, IF and LIF is needed (the importers of snnTorch and SpikingJelly read no Scale node);
-- reset by subtraction (v <- v - v_threshold at a spike), which NIR's IF and LIF, resetting to v_reset, do not
-  express: the importer must subtract (snnTorch: reset_mechanism "subtract"; SpikingJelly: v_reset=None);
+- a grouped or depthwise convolution is written as the dense Conv2d it equals (zero weights between groups), which
+  every reader accepts (see `_ungrouped`);
+- reset by subtraction (v <- v - v_threshold at a spike, so that an LIF node's next step decays what is left),
+  which NIR's IF and LIF, resetting to v_reset, do not express: the importer must subtract (snnTorch:
+  reset_mechanism "subtract", which for LIF subtracts after the next decay instead; SpikingJelly: v_reset=None);
 - a neuron fires when v >= v_threshold (NIR writes v > v_threshold: they differ only where the membrane lands
   exactly on the threshold);
 - every membrane starts at half the threshold (`initial_membrane` x v_threshold, 0.5): NIR has no initial
@@ -35,7 +38,7 @@ import importlib
 import io
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -496,6 +499,13 @@ def _fold_after(producer: Any, map_: _Pointwise) -> Any | None:
     return nir.Affine(weight=(map_.weight @ weight).astype(np.float32), bias=new_bias)
 
 
+def _input_channels(conv: Any) -> np.ndarray:
+    """For each output channel of a NIR Conv2d (a row), the input channels its filter reads: those of its group."""
+    groups, (out_channels, per_group) = int(conv.groups), conv.weight.shape[:2]
+    group_of_output = np.arange(out_channels) // (out_channels // groups)
+    return group_of_output[:, None] * per_group + np.arange(per_group)[None, :]
+
+
 def _fold_before(consumer: Any, factor: np.ndarray) -> Any:
     """`consumer` applied to its input scaled by `factor` (one value per input channel or feature)."""
     nir = _nir()
@@ -503,12 +513,10 @@ def _fold_before(consumer: Any, factor: np.ndarray) -> Any:
         return _Pointwise((consumer.weight * factor).astype(np.float32), consumer.bias, consumer.spatial,
                           consumer.stride)
     if isinstance(consumer, nir.Conv2d):
-        groups, per_group = consumer.groups, consumer.weight.shape[1]
-        out_group = np.arange(consumer.weight.shape[0]) // (consumer.weight.shape[0] // groups)
-        columns = factor[out_group[:, None] * per_group + np.arange(per_group)[None, :]]
+        columns = factor[_input_channels(consumer)]
         return nir.Conv2d(input_shape=consumer.input_shape, weight=(consumer.weight * columns[..., None, None])
                           .astype(np.float32), stride=consumer.stride, padding=consumer.padding,
-                          dilation=consumer.dilation, groups=groups, bias=consumer.bias)
+                          dilation=consumer.dilation, groups=consumer.groups, bias=consumer.bias)
     weight, bias = _weight_and_bias(consumer)
     return nir.Affine(weight=(weight * factor).astype(np.float32), bias=bias)
 
@@ -554,8 +562,23 @@ def _fold_once(graph: _Graph) -> bool:
     return False
 
 
+def _ungrouped(conv: Any) -> Any:
+    """A grouped convolution as the dense one it equals: each filter has zero weights on the other groups' input
+    channels, terms that add exact zeros. nir 1.0.8 types a Conv2d's input as weight.shape[1] channels (one
+    group's), so `nir.read` refuses a file with a grouped one; snnTorch 1.0.0's importer cannot build a depthwise
+    one (it builds in_channels = weight.shape[1]) and SpikingJelly 2.0.0's refuses groups. All of them read the
+    dense form, which holds `groups` times the weights."""
+    out_channels = conv.weight.shape[0]
+    dense = np.zeros((out_channels, int(conv.groups) * conv.weight.shape[1], *conv.weight.shape[2:]), np.float32)
+    dense[np.arange(out_channels)[:, None], _input_channels(conv)] = conv.weight
+    return replace(conv, weight=dense, groups=1)
+
+
 def _written(node: Any, nir) -> Any:
-    """A pointwise map left after folding as a NIR node: a 1x1 Conv2d or an Affine."""
+    """A node left after folding as it is written: a pointwise map as a 1x1 Conv2d or an Affine, a grouped
+    convolution as a dense one (`_ungrouped`)."""
+    if isinstance(node, nir.Conv2d) and int(node.groups) != 1:
+        return _ungrouped(node)
     if not isinstance(node, _Pointwise):
         return node
     if not node.spatial:
