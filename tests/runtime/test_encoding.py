@@ -204,4 +204,4 @@ def test_cli_regular_encoding_end_to_end(capsys, tmp_path) -> None:
 
     code, _, err = run_cli(capsys, *digits_args(checkpoint, "--encoding", "poisson", "--neuron", "signed",
                                                 "--out", tmp_path / "refused"))
-    assert code == 1 and "needs rate-coded neurons" in err and not (tmp_path / "refused").exists()
+    assert code == 2 and "needs rate-coded neurons" in err and not (tmp_path / "refused").exists()
