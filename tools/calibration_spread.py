@@ -25,12 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ann2snn  # noqa: E402
 from ann2snn.io.data import ListFileDataset, make_loader, shared_dir, stratified_subset  # noqa: E402
 from ann2snn.io.model_loading import load_model  # noqa: E402
-
-
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, batches: list) -> float:
-    correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in batches)
-    return 100 * correct / sum(len(y) for _, y in batches)
+from ann2snn.training.finetune import accuracy  # noqa: E402
 
 
 def main() -> None:

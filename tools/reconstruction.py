@@ -23,14 +23,9 @@ from ann2snn.compiler.passes.reconstruct_blocks import RECONSTRUCTIONS  # noqa: 
 from ann2snn.evaluation.statistics import accuracy_interval  # noqa: E402
 from ann2snn.io.data import ListFileDataset, make_loader, shared_dir, stratified_subset  # noqa: E402
 from ann2snn.io.model_loading import load_model  # noqa: E402
+from ann2snn.training.finetune import accuracy  # noqa: E402
 
 MODELS = {"resnet20": "resnet20-cifar10.th", "resnet56": "resnet56-cifar10-chenyaofo.pt"}
-
-
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, batches: list) -> float:
-    correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in batches)
-    return correct / sum(len(y) for _, y in batches)
 
 
 def main() -> None:
@@ -55,15 +50,15 @@ def main() -> None:
             test = stratified_subset(test, args.eval_size, seed=0)
         batches = list(make_loader(test, 250))
         images = sum(len(y) for _, y in batches)
-        ann = accuracy(loaded.model.eval(), batches)
+        ann = accuracy(loaded.model, batches)
         for bits in (int(bits) for bits in args.bits.split(",")):
             for method in args.methods.split(","):
                 start = time.perf_counter()
                 qann = ann2snn.quantize(loaded.model, calibration, qbits=bits, reconstruction=method)
                 seconds = time.perf_counter() - start
                 qann_accuracy = accuracy(qann, batches)
-                low, high = accuracy_interval(qann_accuracy, images)
-                print(f"| {name} | {100 * ann:.1f} | {bits} | {method} | {100 * qann_accuracy:.1f} "
+                low, high = accuracy_interval(qann_accuracy / 100, images)
+                print(f"| {name} | {ann:.1f} | {bits} | {method} | {qann_accuracy:.1f} "
                       f"({100 * low:.1f}-{100 * high:.1f}) | {seconds:.0f} |", flush=True)
 
 
