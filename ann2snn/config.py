@@ -131,7 +131,8 @@ class SpikingCalibrationConfig:
     `threshold_levels`: the levels the activation thresholds are chosen for, "steps" (T: the resolution a
     rate-coded neuron has in T steps, default) or "bits" (the QANN's 2**qbits - 1). `method`: the SNN
     calibration run after conversion on the first `images` calibration images (see
-    `ann2snn.compiler.passes.calibrate_spiking.SPIKING_CALIBRATIONS`), "bias" (default), or "none" to skip it.
+    `ann2snn.compiler.passes.calibrate_spiking.SPIKING_CALIBRATIONS`), "bias" (default), "weights" (the feeding
+layers' weights refitted first), or "none" to skip it.
     `readout_delay`: the fraction of the T steps the read-out leaves out before it averages the output (see
     `SpikingNetwork.readout_start`), 0 to average all; None (default): the neuron kind's (see
     `ann2snn.runtime.neuron_kinds`, 0.5 for 0/1 neurons, 0 for signed-rate).

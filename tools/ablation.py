@@ -6,10 +6,10 @@ on train-calib-512, with the QANN each conversion makes, the conversion time and
                              [--base JSON]
 
 Rows add the techniques one by one, from the plain conversion to the default recipe, then leave each out
-of the default. Every row is a conversion record (`ann2snn.config.ConversionConfig.from_dict`) over the
-given model's defaults and `--base` (a fine-tuned checkpoint keeps its thresholds, and the threshold rows do
-not apply to it, unless --base says {"recalibrate": true}). Prints a markdown table; the default model is
-the shared ResNet-20 (no fine-tuning)."""
+of the default; candidate rows change one part of the default. Every row is a conversion record
+(`ann2snn.config.ConversionConfig.from_dict`) over the given model's defaults and `--base` (a fine-tuned
+checkpoint keeps its thresholds, and the threshold rows do not apply to it, unless --base says
+{"recalibrate": true}). Prints a markdown table; the default model is the shared ResNet-20 (no fine-tuning)."""
 from __future__ import annotations
 
 import argparse
@@ -42,7 +42,10 @@ LEAVE_ONE_OUT = {
     "default without read-out delay": {"readout_delay": 0.0},
     "default without per-channel thresholds": {"per_channel": False},
 }
-ROWS = {**CUMULATIVE, **LEAVE_ONE_OUT}
+CANDIDATES = {
+    "default with weight calibration": {"snn_calibration": "weights"},
+}
+ROWS = {**CUMULATIVE, **LEAVE_ONE_OUT, **CANDIDATES}
 
 
 def main() -> None:

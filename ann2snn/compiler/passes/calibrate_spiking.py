@@ -13,16 +13,27 @@ output is used.
 
 The current is added to the bias of the convolution or linear layer that feeds the neuron, directly or
 through a residual add (in the neuron's membrane units, which threshold balancing gave that layer), and
-injected by an `AddBias` before the neuron where no such layer does. Adding a method is one entry in
-SPIKING_CALIBRATIONS."""
+injected by an `AddBias` before the neuron where no such layer does.
+
+`weights` is the advanced calibration of the same paper, then `bias`: before its bias is corrected, the
+convolution or linear layer feeding a neuron alone (as above) has its weights and bias refitted so that, image by
+image and neuron by neuron, the neuron's rate over the read-out window matches the clipped ANN activation. The
+fit sees the spike rates the layer really receives in the SNN (over the same window, the layers before it fitted
+already), not the ANN's activations, so it corrects what the spiking layers before passed on per image, which a
+constant current per channel cannot. The neuron is modelled as a rate-coded IF neuron over the window, whose
+spike count is the floor of its accumulated current (+1/2, the membrane's start) clipped to the window, with a
+straight-through gradient for the floor (Li et al.'s model); layers the graph gives no such feeding layer
+get the bias correction only. Adding a method is one entry in SPIKING_CALIBRATIONS."""
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ann2snn.compiler.graph_utils import call_sites, free_name
 from ann2snn.compiler.ops import WEIGHTED, Role, role_of
@@ -41,6 +52,10 @@ NO_CALIBRATION = "none"
 BIAS_ITERATIONS = 3
 # The most one activation of the calibration simulation (images x T steps) may take.
 CALIBRATION_WORKING_SET = 1 << 30
+# Adam on each layer's weights and bias, full batch over the calibration images' window-mean inputs; the rate is
+# relative to the layer's mean absolute weight (balancing gives each layer its own scale).
+WEIGHT_ITERATIONS = 100
+WEIGHT_LEARNING_RATE = 1e-3
 
 
 def channel_means(x: torch.Tensor) -> torch.Tensor:
@@ -48,13 +63,16 @@ def channel_means(x: torch.Tensor) -> torch.Tensor:
     return x.mean([dim for dim in range(x.dim()) if dim != 1])
 
 
-def reference_rates(qann: fx.GraphModule, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per quantizer, the channel means of the float ANN's activation clipped at the quantizer's threshold, in
-    thresholds: the mean firing rate its neurons should have (1 is a spike at every step)."""
+def reference_rates(qann: fx.GraphModule, inputs: torch.Tensor, per_neuron: bool = False
+                    ) -> dict[str, torch.Tensor]:
+    """Per quantizer, the float ANN's activation clipped at the quantizer's threshold, in thresholds: the firing
+    rate its neurons should have (1 is a spike at every step); its channel means, unless `per_neuron` (then
+    per image and neuron, in the simulation's memory layout)."""
     rates: dict[str, torch.Tensor] = {}
 
     def record(name: str, quantizer: QCFSQuantizer, output: torch.Tensor) -> None:
-        rates[name] = channel_means(torch.minimum(output, quantizer.theta) / quantizer.theta)
+        rate = torch.minimum(output, quantizer.theta) / quantizer.theta
+        rates[name] = rate if per_neuron else channel_means(rate)
 
     quantizers = {name: m for name, m in qann.named_modules() if isinstance(m, QCFSQuantizer)}
     hooks = [quantizer.register_forward_hook(lambda module, args, output, name=name: record(name, module, output))
@@ -92,11 +110,95 @@ def bias_correction(neuron: SpikingNeuron, currents: torch.Tensor, reference: to
     return current
 
 
-# method -> correction(neuron, currents [steps, batch, ...], reference rates [C], first counted step) -> current
-# per channel [C]; adding a method is one entry
-SPIKING_CALIBRATIONS: dict[str, Callable[[SpikingNeuron, torch.Tensor, torch.Tensor, int], torch.Tensor] | None] = {
+@dataclass
+class LayerUnderCalibration:
+    """What the simulation gives a method for one neuron layer: the currents reaching it [steps, batch, ...], its
+    reference rates per image and neuron [batch, ...], the first step its read-out counts, and the convolution or
+    linear layer feeding it alone (None where there is none) with that layer's inputs [steps, batch, ...]."""
+
+    neuron: SpikingNeuron
+    currents: torch.Tensor
+    reference: torch.Tensor
+    counted_from: int
+    layer: nn.Module | None = None
+    layer_inputs: torch.Tensor | None = None
+
+
+def light(calibration: LayerUnderCalibration) -> torch.Tensor:
+    return bias_correction(calibration.neuron, calibration.currents, channel_means(calibration.reference),
+                           calibration.counted_from)
+
+
+def membrane_at(neuron: SpikingNeuron, currents: torch.Tensor, step: int) -> torch.Tensor:
+    """The membrane of `neuron`, fresh, after the first `step` steps of `currents` [steps, batch, ...]."""
+    neuron.reset()
+    neuron.load_state(neuron.initial_state(currents[0]))
+    try:
+        if step:
+            neuron.multi_step_forward(currents[:step].contiguous(), 0)
+        return neuron.v.clone()
+    finally:
+        neuron.reset()
+
+
+def window_rates(neuron: SpikingNeuron, start: torch.Tensor, currents: torch.Tensor, window: int) -> torch.Tensor:
+    """The model of a rate-coded neuron's rate over a read-out window of `window` steps that it enters with
+    membrane `start`, for window-mean `currents`: reset by subtraction sends floor((start + window x current) /
+    threshold) spikes, clipped to 0 .. window, while the membrane stays in 0 .. threshold; differentiable through
+    the floor by a straight-through gradient."""
+    threshold = channel_shaped(neuron.v_threshold.flatten(), currents.dim())
+    drive = (start + window * currents) / threshold
+    counts = drive + (torch.floor(drive) - drive).detach()
+    return counts.clamp(0, window) / window
+
+
+def fit_weights(calibration: LayerUnderCalibration) -> None:
+    """Refit the feeding layer's weights and bias to the reference, on the window-mean inputs the SNN gives it;
+    the currents are updated to what the refitted layer sends (the rest of them, e.g. a residual branch, kept)."""
+    layer, inputs = calibration.layer, calibration.layer_inputs
+    if layer is None:
+        return
+    counted = slice(calibration.counted_from, None)
+    window = calibration.currents.shape[0] - calibration.counted_from
+    mean_inputs = inputs[counted].mean(0)
+    start = membrane_at(calibration.neuron, calibration.currents, calibration.counted_from)
+    with torch.no_grad():
+        others = calibration.currents[counted].mean(0) - layer(mean_inputs)
+        before = layer(inputs.flatten(0, 1))
+    if layer.bias is None:
+        layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype), requires_grad=False)
+    parameters = [layer.weight, layer.bias]
+    scale = float(layer.weight.detach().abs().mean())
+    try:  # the simulation runs without gradients
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+        optimizer = torch.optim.Adam(parameters, lr=WEIGHT_LEARNING_RATE * scale)
+        with torch.enable_grad():
+            for _ in range(WEIGHT_ITERATIONS):
+                optimizer.zero_grad()
+                rates = window_rates(calibration.neuron, start, layer(mean_inputs) + others, window)
+                F.mse_loss(rates, calibration.reference).backward()
+                optimizer.step()
+    finally:
+        for parameter in parameters:
+            parameter.requires_grad_(False)
+    with torch.no_grad():
+        change = layer(inputs.flatten(0, 1)) - before
+    calibration.currents = calibration.currents + change.reshape(calibration.currents.shape)
+
+
+def advanced(calibration: LayerUnderCalibration) -> torch.Tensor:
+    fit_weights(calibration)
+    return light(calibration)
+
+
+# method -> correction(layer under calibration) -> constant current per channel [C] that moves the layer's mean
+# rate onto its reference (a method may refit the feeding layer first and update the currents); adding a method
+# is one entry
+SPIKING_CALIBRATIONS: dict[str, Callable[[LayerUnderCalibration], torch.Tensor] | None] = {
     NO_CALIBRATION: None,
-    "bias": bias_correction,
+    "bias": light,
+    "weights": advanced,
 }
 
 
@@ -151,23 +253,42 @@ def calibrate_spiking(gm: fx.GraphModule, inputs: torch.Tensor, qann: fx.GraphMo
                       f"{CALIBRATION_WORKING_SET >> 20} MiB", ConversionWarning, stacklevel=2)
         return gm
     inputs = inputs[:images]
-    references = reference_rates(qann, inputs)
+    references = reference_rates(qann, inputs, per_neuron=True)
+    sites = call_sites(gm)
+    feeding = {node.target: layer for node in gm.graph.nodes
+               if node.op == "call_module" and node.target in references and isinstance(node.args[0], fx.Node)
+               and (layer := _feeding_layer(gm, node.args[0], sites, channel_means(references[node.target]).numel()))
+               is not None}
+    layer_inputs: dict[str, torch.Tensor] = {}
     currents: dict[str, torch.Tensor] = {}
+
+    def by_step(folded: torch.Tensor, batch: int) -> torch.Tensor:
+        if folded.shape[0] == batch:  # computed once for every step, before the first neuron
+            return folded.unsqueeze(0).expand((T,) + tuple(folded.shape))
+        return folded.reshape((T, batch) + tuple(folded.shape[1:]))
 
     def correct(name: str, neuron: SpikingNeuron, args: tuple) -> tuple:
         folded = args[0]
-        steps = folded.reshape((T, folded.shape[0] // T) + tuple(folded.shape[1:]))
-        currents[name] = correction(neuron, steps, references[name].to(folded.dtype), counted_from)
-        return (folded + channel_shaped(currents[name], folded.dim()),)
+        reference = references.pop(name)
+        layer_input = layer_inputs.pop(name, None)
+        calibration = LayerUnderCalibration(
+            neuron, by_step(folded, len(inputs)), reference.to(folded.dtype), counted_from, feeding.get(name),
+            None if layer_input is None else by_step(layer_input, len(inputs)))
+        currents[name] = correction(calibration)
+        return (calibration.currents.reshape(folded.shape) + channel_shaped(currents[name], folded.dim()),)
+
+    def keep_input(name: str, args: tuple) -> None:
+        layer_inputs[name] = args[0]
 
     hooks = [neuron.register_forward_pre_hook(lambda module, args, name=name: correct(name, module, args))
              for name, neuron in network.neurons.items() if name in references]
+    hooks += [layer.register_forward_pre_hook(lambda module, args, name=name: keep_input(name, args))
+              for name, layer in feeding.items()]
     try:
         network.run_all_steps(inputs, T)
     finally:
         for hook in hooks:
             hook.remove()
-    sites = call_sites(gm)
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target in currents:
             _add_current(gm, node, currents[node.target], sites)
