@@ -46,6 +46,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--warmup-epochs", type=float, default=0.0)
     parser.add_argument("--label-smoothing", type=float, default=0.0)
+    parser.add_argument("--spike-penalty", type=float, default=0.0, metavar="LAMBDA",
+                        help="with --qbits: add LAMBDA x the SNN's spikes per neuron and image to the loss "
+                             "(default 0: none)")
     parser.add_argument("--cutout", type=int, default=0, metavar="PIXELS",
                         help="cut out one square of this size per training image (default 0: none)")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -58,7 +61,17 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--trust-pickle", action="store_true", help="allow a pickled --init checkpoint")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.spike_penalty and args.qbits is None:
+        parser.error("--spike-penalty needs --qbits: it penalises the spikes of the quantized network's SNN")
+    # Bad settings are refused here, not after the minute the training data takes to decode
+    try:
+        args.config = TrainingConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+                                     warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
+                                     spike_penalty=args.spike_penalty)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                                  shuffle=True, seed=args.seed, cutout=args.cutout)
     eval_loader = TensorBatches(eval_images, eval_labels, 500, *normalisation, augment=False, shuffle=False)
 
-    config = TrainingConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
-                            warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing)
+    config = args.config
     fit_options = {"eval_loader": eval_loader, "state_path": Path(f"{args.out}.state"),
                    "progress": not args.no_progress}
     if args.qbits is None:
@@ -99,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         result = finetune(model, train_loader, qbits=args.qbits, per_channel=args.per_channel, config=config,
                           **fit_options)
     training = {"command": " ".join(["python", "tools/train.py", *(argv if argv is not None else sys.argv[1:])]),
-                "init": str(args.init) if args.init else None, "epochs": args.epochs, "history": result.history,
+                "init": str(args.init) if args.init else None, "epochs": args.epochs,
+                "spike_penalty": args.spike_penalty, "history": result.history,
                 "device": str(device), "eval_accuracy_ann": accuracy(result.model, eval_loader)}
     if args.qbits is not None:
         qann = quantize(result.model, None, args.qbits, thresholds=result.thresholds)

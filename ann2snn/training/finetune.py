@@ -16,7 +16,7 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,11 @@ DEFAULT_CALIBRATION_BATCHES = 8
 @dataclass
 class TrainingConfig:
     """SGD with Nesterov momentum and a cosine learning-rate schedule stepped every batch. Weight decay
-    applies to conv/linear weights only, not to biases, BatchNorm or thresholds."""
+    applies to conv/linear weights only, not to biases, BatchNorm or thresholds.
+
+    `spike_penalty` (quantization-aware fine-tuning only) adds lambda x the spikes per neuron and image of
+    the SNN the quantized network becomes to the cross-entropy (see `_SpikeCount`): fewer spikes for the
+    accuracy it costs."""
 
     epochs: int
     lr: float = 0.1
@@ -51,12 +55,24 @@ class TrainingConfig:
     weight_decay: float = 5e-4
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
+    spike_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"epochs must be at least 1, got {self.epochs}")
         if not self.lr > 0:
             raise ValueError(f"the learning rate must be positive, got {self.lr}")
+        # A negative weight would reward spikes; NaN would pass every comparison below
+        if not (math.isfinite(self.spike_penalty) and self.spike_penalty >= 0):
+            raise ValueError(f"spike_penalty must be a finite number >= 0 (the weight of the spikes per neuron "
+                             f"in the loss), got {self.spike_penalty}")
+
+
+def _saved_settings(saved: dict[str, Any]) -> dict[str, Any]:
+    """A training state's settings with the fields added since it was written at their defaults, which is
+    what that run trained with: a run from before `spike_penalty` still resumes."""
+    defaults = {f.name: f.default for f in fields(TrainingConfig) if f.default is not MISSING}
+    return {**defaults, **saved}
 
 
 @dataclass
@@ -105,6 +121,59 @@ def _quantizers(module: nn.Module) -> dict[str, QCFSQuantizer]:
     return {name: m for name, m in module.named_modules() if isinstance(m, QCFSQuantizer)}
 
 
+class _SpikeCount:
+    """The spikes per neuron and image that the SNN of a quantization-aware graph fires, from forward hooks
+    on its QCFS quantizers. A rate-coded neuron fires once per quantization level of its activation in
+    T = levels steps, and a signed one settles on the same count, so the SNN fires sum over quantizers of
+    output / step = output / theta x levels per image. (A signed network fires more on the way: spikes on
+    partial input in early steps that later negative ones cancel; 1.8x the levels for `resnet20-q4.pt` at
+    T = 16 with 2 spikes per step, 1.0x in its first layer. The term does not see those.)
+
+    Taken from the training forward's own output, the count has the straight-through gradient the quantizer
+    trains with (floor as the identity; none at level 0 or at the top level, where the clamp's gradient is
+    zero), so a penalty on it reaches theta and the weights. Divided by the neurons, one `spike_penalty`
+    means the same on networks of any size. Only training-mode calls count: `accuracy` runs the same graph
+    in eval mode."""
+
+    def __init__(self, module: nn.Module, differentiable: bool):
+        self.differentiable = differentiable
+        self._handles = [q.register_forward_hook(self._count) for q in _quantizers(module).values()]
+        self._clear()
+
+    @property
+    def counting(self) -> bool:
+        return bool(self._handles)
+
+    def __enter__(self) -> _SpikeCount:
+        return self
+
+    def __exit__(self, *exception: object) -> None:
+        # An interrupted run must not leave the caller's module counting
+        for handle in self._handles:
+            handle.remove()
+
+    def _clear(self) -> None:
+        self._levels: torch.Tensor | float = 0.0
+        self._neurons = self._samples = 0
+
+    def _count(self, quantizer: QCFSQuantizer, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if not quantizer.training or quantizer.observer is not None:
+            return
+        # Without a penalty the count is only recorded: no graph for it
+        with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
+            self._levels = self._levels + (output / quantizer.step).sum()
+        self._neurons += output[0].numel()
+        self._samples = output.shape[0]
+
+    def take(self) -> torch.Tensor:
+        """Spikes per neuron and image of the forward passes since the last `take`."""
+        if self._neurons == 0:
+            raise RuntimeError("no quantizer ran in training mode since the last count")
+        mean = self._levels / (self._samples * self._neurons)
+        self._clear()
+        return mean
+
+
 def accuracy(module: nn.Module, loader: Iterable[Any]) -> float:
     """Top-1 accuracy in percent, in eval mode (the caller's mode is restored)."""
     was_training = module.training
@@ -145,12 +214,18 @@ def fit(module: nn.Module, train_loader: Iterable[Any], config: TrainingConfig, 
         eval_loader: Iterable[Any] | None = None, state_path: str | Path | None = None, progress: bool = True,
         log: Callable[[str], None] = print) -> list[dict[str, float]]:
     """Train `module` in place; returns one history entry per epoch (loss, train and eval accuracy, time).
+    `loss` is the cross-entropy; a module with QCFS quantizers also records `spikes_per_neuron`, the mean
+    spike term (see `_SpikeCount`), whatever `config.spike_penalty`; the loss minimised is
+    loss + spike_penalty x spikes_per_neuron.
 
     With `state_path`, the full training state (weights, optimizer, schedule, epoch, random state) is
     written there atomically after every epoch, and a run that finds the file resumes from it.
 
     On CPU, the module and image batches train channels-last: oneDNN's depthwise and pointwise convolutions
     are about twice as fast in that layout (MobileNetV2, one thread); the results are the same."""
+    if config.spike_penalty > 0 and not _quantizers(module):
+        raise ValueError("spike_penalty needs QCFS quantizers: it penalises the spikes of the quantized "
+                         "network's SNN (fine-tune with qbits)")
     device = device_of(module)
     memory_format = torch.channels_last if device.type == "cpu" else torch.preserve_format
     module.to(memory_format=memory_format)
@@ -162,7 +237,7 @@ def fit(module: nn.Module, train_loader: Iterable[Any], config: TrainingConfig, 
     state_path = Path(state_path) if state_path is not None else None
     if state_path is not None and state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=True)
-        if state["config"] != asdict(config):
+        if _saved_settings(state["config"]) != asdict(config):
             raise ValueError(f"{state_path}: was written for training settings {state['config']}, not "
                              f"{asdict(config)}; delete it to start over")
         module.load_state_dict(state["module"])
@@ -171,42 +246,54 @@ def fit(module: nn.Module, train_loader: Iterable[Any], config: TrainingConfig, 
         torch.set_rng_state(state["rng"])
         history = state["history"]
         log(f"resuming from {state_path} after epoch {len(history)}")
-    for epoch in range(len(history), config.epochs):
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(epoch)
-        module.train()
-        started = time.perf_counter()
-        loss_sum = correct = seen = 0.0
-        batches = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
-                       disable=not progress, leave=False)
-        for batch in batches:
-            inputs, labels = batch_input(batch).to(device), batch_labels(batch).to(device)
-            if inputs.dim() == 4:
-                inputs = inputs.contiguous(memory_format=memory_format)
-            logits = module(inputs)
-            loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"epoch {epoch + 1}: the loss became {loss.item()}; lower the learning rate")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            loss_sum += loss.item() * len(labels)
-            correct += (logits.argmax(1) == labels).sum().item()
-            seen += len(labels)
-            batches.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
-        entry = {"epoch": epoch + 1, "loss": loss_sum / seen, "train_accuracy": 100 * correct / seen,
-                 "seconds": time.perf_counter() - started}
-        if eval_loader is not None:
-            entry["eval_accuracy"] = accuracy(module, eval_loader)
-        history.append(entry)
-        log(" ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
-                     for key, value in entry.items()))
-        if state_path is not None:
-            buffer = io.BytesIO()
-            torch.save({"config": asdict(config), "module": module.state_dict(), "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(), "rng": torch.get_rng_state(), "history": history}, buffer)
-            atomic_write(state_path, buffer.getvalue())
+    with _SpikeCount(module, differentiable=config.spike_penalty > 0) as spikes:
+        for epoch in range(len(history), config.epochs):
+            if hasattr(train_loader, "set_epoch"):
+                train_loader.set_epoch(epoch)
+            module.train()
+            started = time.perf_counter()
+            loss_sum = spike_sum = correct = seen = 0.0
+            batches = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
+                           disable=not progress, leave=False)
+            for batch in batches:
+                inputs, labels = batch_input(batch).to(device), batch_labels(batch).to(device)
+                if inputs.dim() == 4:
+                    inputs = inputs.contiguous(memory_format=memory_format)
+                logits = module(inputs)
+                loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
+                objective = loss
+                if spikes.counting:
+                    spike_term = spikes.take()
+                    spike_sum += spike_term.item() * len(labels)
+                    if config.spike_penalty > 0:
+                        objective = loss + config.spike_penalty * spike_term
+                if not torch.isfinite(objective):
+                    raise FloatingPointError(f"epoch {epoch + 1}: the loss became {objective.item()}; "
+                                             f"lower the learning rate")
+                optimizer.zero_grad(set_to_none=True)
+                objective.backward()
+                optimizer.step()
+                schedule.step()
+                loss_sum += loss.item() * len(labels)
+                correct += (logits.argmax(1) == labels).sum().item()
+                seen += len(labels)
+                batches.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
+                                    **({"spikes": f"{spike_sum / seen:.3f}"} if spikes.counting else {}))
+            entry = {"epoch": epoch + 1, "loss": loss_sum / seen}
+            if spikes.counting:
+                entry["spikes_per_neuron"] = spike_sum / seen
+            entry |= {"train_accuracy": 100 * correct / seen, "seconds": time.perf_counter() - started}
+            if eval_loader is not None:
+                entry["eval_accuracy"] = accuracy(module, eval_loader)
+            history.append(entry)
+            log(" ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+                         for key, value in entry.items()))
+            if state_path is not None:
+                buffer = io.BytesIO()
+                torch.save({"config": asdict(config), "module": module.state_dict(),
+                            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                            "rng": torch.get_rng_state(), "history": history}, buffer)
+                atomic_write(state_path, buffer.getvalue())
     module.to(memory_format=torch.contiguous_format).eval()
     return history
 
