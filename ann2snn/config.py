@@ -131,8 +131,10 @@ class SpikingCalibrationConfig:
     `threshold_levels`: the levels the activation thresholds are chosen for, "steps" (T: the resolution a
     rate-coded neuron has in T steps, default) or "bits" (the QANN's 2**qbits - 1). `method`: the SNN
     calibration run after conversion on the first `images` calibration images (see
-    `ann2snn.compiler.passes.calibrate_spiking.SPIKING_CALIBRATIONS`), "bias" (default), "weights" (the feeding
-layers' weights refitted first), or "none" to skip it.
+    `ann2snn.compiler.passes.calibrate_spiking.SPIKING_CALIBRATIONS`): "weights" (the feeding layers' weights
+    refitted to the SNN's own input rates, then "bias"), "bias" (a constant current per channel), "none" to
+    skip it, or None (default): the neuron kind's ("weights" for `if`, "bias" for the others: see
+    `ann2snn.runtime.neuron_kinds`).
     `readout_delay`: the fraction of the T steps the read-out leaves out before it averages the output (see
     `SpikingNetwork.readout_start`), 0 to average all; None (default): the neuron kind's (see
     `ann2snn.runtime.neuron_kinds`, 0.5 for 0/1 neurons, 0 for signed-rate).
@@ -140,10 +142,13 @@ layers' weights refitted first), or "none" to skip it.
     Measured on the shared ResNet-20 (test-1000, calibrated on train-calib-512, `if`, converted for each of T = 8 /
     16 / 32, `python tools/ablation.py`): "bits", no calibration, no delay, per layer: 40.7 / 58.3 / 72.1 %;
     "steps" and "bias", per layer: 57.2 / 68.8 / 75.8 %; with the read-out over the second half: 62.7 / 73.2 /
-    80.6 %; and thresholds per channel, the default: 69.0 / 80.3 / 82.0 %."""
+    80.6 %; and thresholds per channel: 69.0 / 80.3 / 82.0 %. The weight calibration, `if`'s default, gives
+    67.2 / 78.9 / 81.9 % there, but on deeper networks and MobileNetV2 it adds: bias / weights at T = 16 and 32,
+    MobileNetV2 (`models/mobilenet_v2.pt`) 79.3 / 81.1 % and 84.9 / 85.6 %, chenyaofo's ResNet-56 T = 32 82.3 /
+    83.0 %, ShuffleNetV2 x0.5 T = 32 83.3 / 83.4 % (README, "The default 0/1-spike recipe")."""
 
     threshold_levels: str = "steps"
-    method: str = "bias"
+    method: str | None = None
     # 64 images: 80.3 / 82.0 % at T = 16 / 32 on the shared ResNet-20, 79.8 / 82.3 % with 128 in twice the time
     images: int = 64
     readout_delay: float | None = None
@@ -151,7 +156,7 @@ layers' weights refitted first), or "none" to skip it.
     def __post_init__(self) -> None:
         if self.threshold_levels not in THRESHOLD_LEVELS:
             raise ValueError(f"unknown threshold levels {self.threshold_levels!r}; choose one of {THRESHOLD_LEVELS}")
-        if self.method not in SPIKING_CALIBRATIONS:
+        if self.method is not None and self.method not in SPIKING_CALIBRATIONS:
             raise ValueError(f"unknown SNN calibration {self.method!r}; choose one of {tuple(SPIKING_CALIBRATIONS)}")
         _positive_int("the number of SNN calibration images", self.images)
         if self.method == NO_CALIBRATION:
@@ -160,7 +165,9 @@ layers' weights refitted first), or "none" to skip it.
             _set(self, "readout_delay", check_readout_delay(self.readout_delay, RATE))
 
     def to_dict(self) -> dict[str, Any]:
-        record: dict[str, Any] = {"threshold_levels": self.threshold_levels, "snn_calibration": self.method}
+        record: dict[str, Any] = {"threshold_levels": self.threshold_levels}
+        if self.method is not None:
+            record["snn_calibration"] = self.method
         if self.method != NO_CALIBRATION:
             record["snn_calibration_images"] = self.images
         if self.readout_delay is not None:
@@ -285,9 +292,18 @@ class ConversionConfig:
         return self.simulation.T if self.rate_coded and self.calibration.threshold_levels == "steps" else None
 
     @property
+    def snn_calibration(self) -> str:
+        """The SNN calibration the network gets: the calibration part's, else the neuron kind's; none for
+        accumulate coding."""
+        if not self.rate_coded:
+            return NO_CALIBRATION
+        given = self.calibration.method
+        return given if given is not None else neuron_kind(self.neuron.kind).snn_calibration
+
+    @property
     def calibrates_spiking(self) -> bool:
         """Whether the converted network is fitted by an SNN calibration (rate-coded neurons, a method)."""
-        return self.rate_coded and self.calibration.method != NO_CALIBRATION
+        return self.snn_calibration != NO_CALIBRATION
 
     @property
     def readout_delay(self) -> float:

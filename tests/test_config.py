@@ -23,7 +23,7 @@ def test_defaults_are_todays():
     config = ConversionConfig()
     assert config.to_dict() == {"T": 32, "neuron": "if", "max_spikes_per_step": 1, "neuron_options": {},
                                 "encoding": "direct", "qbits": 4, "threshold_rule": "mse", "per_channel": None,
-                                "threshold_levels": "steps", "snn_calibration": "bias", "snn_calibration_images": 64}
+                                "threshold_levels": "steps", "snn_calibration_images": 64}
     assert config.readout_delay == 0.5
     assert config.threshold_level_count == 32
     assert ConversionConfig.from_dict({"threshold_levels": "bits", "T": 8}).threshold_level_count is None
@@ -58,7 +58,7 @@ def test_record_keeps_reports_key_order_and_leaves_out_what_does_not_apply():
     assert list(config.to_dict().items()) == [
         ("T", 32), ("neuron", "signed-rate"), ("max_spikes_per_step", 1), ("neuron_options", {}),
         ("encoding", "direct"), ("qbits", 4), ("threshold_rule", "percentile"), ("per_channel", True),
-        ("percentile", 99.99), ("threshold_levels", "steps"), ("snn_calibration", "bias"),
+        ("percentile", 99.99), ("threshold_levels", "steps"),
         ("snn_calibration_images", 64)]
     # SNN calibration does not apply to accumulate coding (signed neurons equal the QANN), nor its images
     # without a method
@@ -123,7 +123,7 @@ def test_normalisation_is_held_as_the_encoder_holds_it():
     ({"readout_delay": "half"}, "the read-out delay must be a fraction of T in [0, 1)"),
     ({"neuron": "izhikevich"}, "unknown neuron 'izhikevich'"),
     ({"threshold_levels": "many"}, "unknown threshold levels 'many'; choose one of ('steps', 'bits')"),
-    ({"snn_calibration": "fancy"}, "unknown SNN calibration 'fancy'; choose one of ('none', 'bias')"),
+    ({"snn_calibration": "fancy"}, "unknown SNN calibration 'fancy'; choose one of ('none', 'bias', 'weights')"),
     ({"snn_calibration_images": 0}, "the number of SNN calibration images must be a positive integer, got 0"),
     ({"max_spikes_per_step": 0}, "max_spikes_per_step must be a positive integer, got 0"),
     ({"max_spikes_per_step": True}, "max_spikes_per_step must be a positive integer"),
@@ -160,3 +160,15 @@ def test_quantization_config_shorthands():
     assert quantization_config({"default": 2}, per_channel=True) == QuantizationConfig({"default": 2}, per_channel=True)
     conversion = ConversionConfig.from_dict({"qbits": 2, "neuron": "signed"})
     assert quantization_config(conversion, threshold_rule="max") == QuantizationConfig(2, threshold_rule="max")
+
+
+def test_the_neuron_kind_decides_the_default_snn_calibration():
+    """`if` gets the weight calibration, whose window model is an IF neuron's; kinds that leak, adapt or take
+    spikes back keep the bias calibration; a given method wins, and switching the neuron re-decides."""
+    assert ConversionConfig().snn_calibration == "weights"
+    for kind in ("lif", "adaptive", "signed-rate"):
+        assert ConversionConfig.from_dict({"neuron": kind}).snn_calibration == "bias"
+    assert ConversionConfig.from_dict({"neuron": "signed"}).snn_calibration == "none"
+    assert ConversionConfig.from_dict({"snn_calibration": "bias"}).snn_calibration == "bias"
+    assert ConversionConfig().replace(neuron="lif").snn_calibration == "bias"
+    assert ConversionConfig.from_dict({"neuron": "lif", "snn_calibration": "weights"}).snn_calibration == "weights"

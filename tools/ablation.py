@@ -6,10 +6,10 @@ on train-calib-512, with the QANN each conversion makes, the conversion time and
                              [--base JSON]
 
 Rows add the techniques one by one, from the plain conversion to the default recipe, then leave each out
-of the default; candidate rows change one part of the default. Every row is a conversion record
-(`ann2snn.config.ConversionConfig.from_dict`) over the given model's defaults and `--base` (a fine-tuned
-checkpoint keeps its thresholds, and the threshold rows do not apply to it, unless --base says
-{"recalibrate": true}). Prints a markdown table; the default model is the shared ResNet-20 (no fine-tuning)."""
+of the default. Every row is a conversion record (`ann2snn.config.ConversionConfig.from_dict`) over the
+given model's defaults and `--base` (a fine-tuned checkpoint keeps its thresholds, and the threshold rows do
+not apply to it, unless --base says {"recalibrate": true}). Prints a markdown table; the default model is
+the shared ResNet-20 (no fine-tuning)."""
 from __future__ import annotations
 
 import argparse
@@ -34,18 +34,16 @@ CUMULATIVE = {
     "+ T-level thresholds": {**PLAIN, "threshold_levels": "steps"},
     "+ bias calibration": {**PLAIN, "threshold_levels": "steps", "snn_calibration": "bias"},
     "+ read-out delay T/2": {**PLAIN, "threshold_levels": "steps", "snn_calibration": "bias", "readout_delay": 0.5},
-    "+ per-channel thresholds (default)": {},
+    "+ per-channel thresholds": {"snn_calibration": "bias"},
+    "+ weight calibration before the bias (default)": {},
 }
 LEAVE_ONE_OUT = {
     "default without T-level thresholds": {"threshold_levels": "bits"},
-    "default without bias calibration": {"snn_calibration": "none"},
+    "default without SNN calibration": {"snn_calibration": "none"},
     "default without read-out delay": {"readout_delay": 0.0},
     "default without per-channel thresholds": {"per_channel": False},
 }
-CANDIDATES = {
-    "default with weight calibration": {"snn_calibration": "weights"},
-}
-ROWS = {**CUMULATIVE, **LEAVE_ONE_OUT, **CANDIDATES}
+ROWS = {**CUMULATIVE, **LEAVE_ONE_OUT}
 
 
 def main() -> None:

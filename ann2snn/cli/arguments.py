@@ -178,8 +178,8 @@ def conversion_arguments() -> argparse.ArgumentParser:
     group.add_argument("--snn-calibration", choices=vocabulary.SPIKING_CALIBRATIONS,
                        help="rate-coded neurons: after conversion, correct each layer's bias so that its mean "
                             "firing rate matches the ANN's activation, layer by layer (bias), refit each layer's "
-                            "weights to the rates the SNN gives it first (weights), or neither (none); "
-                            f"default {config_default('SpikingCalibrationConfig', 'method')}")
+                            "weights to the rates the SNN gives it first (weights), or neither (none); default: "
+                            "the neuron's, weights for if, bias for lif, adaptive and signed-rate")
     group.add_argument("--readout-delay", type=_delay_fraction, metavar="F",
                        help="rate-coded neurons: leave the first F x T steps out of the output's average, while "
                             "the layers settle (0 averages all; default: the neuron's, 0.5 for if, lif and "

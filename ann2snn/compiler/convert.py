@@ -169,12 +169,12 @@ def _spiking_network(qann: fx.GraphModule, config: ConversionConfig, quantizatio
     if calibrated:
         inputs = calibration_inputs.to(device_of(qann), floating_dtype(qann))  # _FirstInputs kept `images`
         spiking_passes.append(("calibrate_spiking", partial(calibrate_spiking, inputs=inputs, qann=qann,
-                                                            T=config.simulation.T, method=calibration.method,
+                                                            T=config.simulation.T, method=config.snn_calibration,
                                                             readout_delay=config.readout_delay)))
     spiking_graph = PassManager(spiking_passes).run(copy.deepcopy(qann))
     record = {**config.simulation.to_dict(), **neuron.to_dict(), **encoding.to_dict(), **quantization_record}
     if config.rate_coded:
-        applied = dataclasses.replace(calibration, method=calibration.method if calibrated else NO_CALIBRATION,
+        applied = dataclasses.replace(calibration, method=config.snn_calibration if calibrated else NO_CALIBRATION,
                                       readout_delay=config.readout_delay)
         record.update(applied.to_dict())
         if quantization_record.get("threshold_rule") == FINE_TUNED:

@@ -26,7 +26,8 @@ class NeuronKind:
     quantizer of threshold theta and L = levels; `spike_value(theta, levels)` is what one of its spikes is
     worth in the QANN's units; `options` names the keyword options `build` accepts (with their defaults);
     `readout_delay` is the fraction of T a rate-coded network of these neurons leaves out of its read-out by
-    default (see `ann2snn.runtime.network.SpikingNetwork.readout_start`)."""
+    default (see `ann2snn.runtime.network.SpikingNetwork.readout_start`); `snn_calibration` the SNN calibration
+    it gets by default (see `ann2snn.compiler.passes.calibrate_spiking.SPIKING_CALIBRATIONS`)."""
 
     name: str
     coding: Coding
@@ -35,6 +36,7 @@ class NeuronKind:
     options: Mapping[str, Any]
     description: str
     readout_delay: float = 0.0
+    snn_calibration: str = "bias"
 
 
 def _threshold(theta: torch.Tensor, levels: int) -> torch.Tensor:
@@ -51,11 +53,16 @@ def _step(theta: torch.Tensor, levels: int) -> torch.Tensor:
 # their early steps are worth reading: 78.2 / 81.1 % at T = 8 / 16 over every step, 71.9 / 78.5 % without
 # the first half.
 ZERO_ONE_READOUT_DELAY = 0.5
+# The weight calibration models a neuron's read-out window as an integrate-and-fire neuron does it (exactly, while
+# the membrane stays within 0 .. threshold); the other rate-coded kinds leak, adapt or take spikes back, and keep
+# the bias calibration.
+IF_CALIBRATION = "weights"
 
 
 NEURON_KINDS: dict[str, NeuronKind] = {kind.name: kind for kind in (
     NeuronKind("if", RATE, lambda theta, levels, k, options: IFNeuron(theta, k, **options), _threshold, {},
-               "integrate-and-fire, 0/1 spikes, threshold theta, reset by subtraction", ZERO_ONE_READOUT_DELAY),
+               "integrate-and-fire, 0/1 spikes, threshold theta, reset by subtraction", ZERO_ONE_READOUT_DELAY,
+               IF_CALIBRATION),
     NeuronKind("lif", RATE, lambda theta, levels, k, options: LIFNeuron(theta, max_spikes_per_step=k, **options),
                _threshold, {"decay": 0.95, "compensate_leak": True},
                "leaky integrate-and-fire with leak-compensating current", ZERO_ONE_READOUT_DELAY),
