@@ -67,7 +67,7 @@ def test_convert_checkpoint_is_what_the_command_line_writes(capsys, digits, tmp_
     assert without_timings(json.loads(json.dumps(conversion.report))) == without_timings(written)
     assert ConversionConfig.from_dict({key: value for key, value in written["config"].items()
                                        if key not in ("coding", "T_list")}) == ConversionConfig.from_dict(
-        {"T": 4, "per_channel": True, "readout_delay": 0.5})  # the record holds what the defaults decided
+        {"T": 4, "per_channel": True, "readout_delay": 0.5, "snn_calibration": "weights"})  # what the defaults decided
 
     files = write_conversion(tmp_path / "library", conversion)
     assert {*files, MARKER} == {path.name for path in out.iterdir()}

@@ -166,7 +166,7 @@ def fit_weights(calibration: LayerUnderCalibration) -> None:
         others = calibration.currents[counted].mean(0) - layer(mean_inputs)
         before = layer(inputs.flatten(0, 1))
     if layer.bias is None:
-        layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype), requires_grad=False)
+        layer.bias = nn.Parameter(layer.weight.new_zeros(layer.weight.shape[0]), requires_grad=False)
     parameters = [layer.weight, layer.bias]
     scale = float(layer.weight.detach().abs().mean())
     try:  # the simulation runs without gradients
