@@ -284,9 +284,9 @@ def simulation_section(name: str, model: nn.Module, snn: ann2snn.SpikingNetwork,
     return table(header, rows)
 
 
-# The networks simulated: the default recipe with the bias calibration, whose graph and spikes per step cost what
-# the weight calibration's do (it changes weights and biases, not layers) at a fraction of the conversion time;
-# the conversion section times the default itself.
+# The networks simulated: the default recipe with the bias calibration, whose graph is the weight calibration's (that
+# changes weights and biases, not layers), so a step costs the same, at a fraction of the conversion time; the
+# conversion section times the default itself.
 SIMULATED_RECIPE = {"snn_calibration": "bias"}
 HEADER = ["model", "batch", "T", "ANN ms", "SNN s", "SNN / (T x ANN)", "SNN / (T x ANN in SNN layout)", "SNN img/s"]
 JELLY_HEADER = ["SpikingJelly s", "SpikingJelly / ours"]

@@ -21,13 +21,15 @@ image and neuron by neuron, the neuron's rate over the read-out window matches t
 fit sees the spike rates the layer really receives in the SNN (over the same window, the layers before it fitted
 already), not the ANN's activations, so it corrects what the spiking layers before passed on per image, which a
 constant current per channel cannot. The neuron is modelled as a rate-coded IF neuron over the window, whose
-spike count is the floor of its accumulated current (+1/2, the membrane's start) clipped to the window, with a
-straight-through gradient for the floor (Li et al.'s model); layers the graph gives no such feeding layer
-get the bias correction only. Adding a method is one entry in SPIKING_CALIBRATIONS."""
+spike count is the floor of its membrane at the window's start plus the window's current, in thresholds, clipped
+to the window, with a straight-through gradient for the floor (Li et al.'s model with the measured membrane);
+layers the graph gives no such feeding layer get the bias correction only. Adding a method is one entry in
+SPIKING_CALIBRATIONS."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -86,15 +88,23 @@ def reference_rates(qann: fx.GraphModule, inputs: torch.Tensor, per_neuron: bool
     return rates
 
 
-def fired_rates(neuron: SpikingNeuron, currents: torch.Tensor, counted_from: int = 0) -> torch.Tensor:
-    """The channel means of what `neuron`, fresh, sends per step for `currents` [steps, batch, ...], in spikes,
-    over the steps from `counted_from` on (the network's read-out window)."""
+@contextmanager
+def fresh(neuron: SpikingNeuron, currents: torch.Tensor) -> Iterator[SpikingNeuron]:
+    """`neuron` in its initial state for `currents` [steps, batch, ...], reset again afterwards (the network
+    runs it next)."""
     neuron.reset()
     neuron.load_state(neuron.initial_state(currents[0]))
     try:
-        return channel_means(neuron.multi_step_forward(currents, 0)[counted_from:].mean(0))
+        yield neuron
     finally:
         neuron.reset()
+
+
+def fired_rates(neuron: SpikingNeuron, currents: torch.Tensor, counted_from: int = 0) -> torch.Tensor:
+    """The channel means of what `neuron`, fresh, sends per step for `currents` [steps, batch, ...], in spikes,
+    over the steps from `counted_from` on (the network's read-out window)."""
+    with fresh(neuron, currents):
+        return channel_means(neuron.multi_step_forward(currents, 0)[counted_from:].mean(0))
 
 
 def bias_correction(neuron: SpikingNeuron, currents: torch.Tensor, reference: torch.Tensor,
@@ -131,14 +141,10 @@ def light(calibration: LayerUnderCalibration) -> torch.Tensor:
 
 def membrane_at(neuron: SpikingNeuron, currents: torch.Tensor, step: int) -> torch.Tensor:
     """The membrane of `neuron`, fresh, after the first `step` steps of `currents` [steps, batch, ...]."""
-    neuron.reset()
-    neuron.load_state(neuron.initial_state(currents[0]))
-    try:
+    with fresh(neuron, currents):
         if step:
             neuron.multi_step_forward(currents[:step].contiguous(), 0)
         return neuron.v.clone()
-    finally:
-        neuron.reset()
 
 
 def window_rates(neuron: SpikingNeuron, start: torch.Tensor, currents: torch.Tensor, window: int) -> torch.Tensor:
@@ -218,10 +224,9 @@ def _feeding_layer(gm: fx.GraphModule, node: fx.Node, sites: dict[str, list[fx.N
     return None
 
 
-def _add_current(gm: fx.GraphModule, neuron_node: fx.Node, current: torch.Tensor,
-                 sites: dict[str, list[fx.Node]]) -> None:
+def _add_current(gm: fx.GraphModule, neuron_node: fx.Node, current: torch.Tensor, layer: nn.Module | None) -> None:
+    """Add `current` to the bias of `layer`, the one feeding the neuron alone, or inject it before the neuron."""
     source = neuron_node.args[0]
-    layer = _feeding_layer(gm, source, sites, current.numel())
     if layer is None:
         path = free_name(gm, f"{neuron_node.target}_calibration")
         gm.add_submodule(path, AddBias(current, RATE))
@@ -257,8 +262,7 @@ def calibrate_spiking(gm: fx.GraphModule, inputs: torch.Tensor, qann: fx.GraphMo
     sites = call_sites(gm)
     feeding = {node.target: layer for node in gm.graph.nodes
                if node.op == "call_module" and node.target in references and isinstance(node.args[0], fx.Node)
-               and (layer := _feeding_layer(gm, node.args[0], sites, channel_means(references[node.target]).numel()))
-               is not None}
+               and (layer := _feeding_layer(gm, node.args[0], sites, references[node.target].shape[1])) is not None}
     layer_inputs: dict[str, torch.Tensor] = {}
     currents: dict[str, torch.Tensor] = {}
 
@@ -291,5 +295,5 @@ def calibrate_spiking(gm: fx.GraphModule, inputs: torch.Tensor, qann: fx.GraphMo
             hook.remove()
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target in currents:
-            _add_current(gm, node, currents[node.target], sites)
+            _add_current(gm, node, currents[node.target], feeding.get(node.target))
     return gm
