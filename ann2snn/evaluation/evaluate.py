@@ -213,12 +213,15 @@ def _duration(seconds: float) -> str:
 
 class _StepProgress:
     """The evaluation's progress in image-steps (images x time steps simulated), moved after every chunk of
-    steps rather than once per batch, so that it moves (with its own estimate) even when there is one batch;
-    after the first chunk, a ConversionWarning gives the estimated duration when it exceeds LONG_EVALUATION_S."""
+    steps rather than once per batch, so that it moves (with its own estimate) even when there is one batch.
+    A ConversionWarning gives the estimated duration when it exceeds LONG_EVALUATION_S: after the first chunk,
+    or, when batches stop once quiet (`settles_early`), after the first batch, whose steps until quiet the
+    first chunk cannot tell (it assumed every step and overstated a signed run many times)."""
 
-    def __init__(self, images: int | None, steps: int, enabled: bool) -> None:
+    def __init__(self, images: int | None, steps: int, enabled: bool, settles_early: bool = False) -> None:
         self.steps = steps
         self.total = images * steps if images is not None else None
+        self.settles_early = settles_early
         self.bar = tqdm(total=self.total, desc="evaluating", unit="image-step", unit_scale=True,
                         disable=not enabled, leave=False)
         self.start: float | None = None
@@ -239,19 +242,29 @@ class _StepProgress:
         self.done += image_steps
         self.batch_done += image_steps
         self.bar.update(image_steps)
-        if first and self.total is not None:
-            estimate = (time.perf_counter() - self.start) * self.total / self.done
-            if estimate > LONG_EVALUATION_S:
-                warnings.warn(f"this evaluation will take about {_duration(estimate)}: {self.total // self.steps} "
-                              f"images x {self.steps} time steps, at the pace of its first {image_steps} image-steps; "
-                              "a smaller --T, --T-list or --eval-size shortens it", ConversionWarning, stacklevel=2)
+        if first and not self.settles_early:
+            self._announce(f"at the pace of its first {image_steps} image-steps")
 
     def end_batch(self, images: int) -> None:
         """A batch stopped when quiet simulated fewer steps: the bar moves to where the batch ends."""
+        first = self.done == self.batch_done
+        simulated = self.batch_done
         remaining = images * self.steps - self.batch_done
         if remaining > 0:
             self.done += remaining
             self.bar.update(remaining)
+        if first and self.settles_early and self.total is not None and self.done < self.total:
+            self._announce(f"at the pace of its first batch of {images} images, quiet after "
+                           f"{simulated // images} steps")
+
+    def _announce(self, pace: str) -> None:
+        if self.total is None:
+            return
+        estimate = (time.perf_counter() - self.start) * self.total / self.done
+        if estimate > LONG_EVALUATION_S:
+            warnings.warn(f"this evaluation will take about {_duration(estimate)}: {self.total // self.steps} "
+                          f"images x {self.steps} time steps, {pace}; a smaller --T, --T-list or --eval-size "
+                          "shortens it", ConversionWarning, stacklevel=3)
 
 
 def _images_in(loader: Iterable[Any]) -> int | None:
@@ -333,7 +346,8 @@ def evaluate(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] |
                 stack.enter_context(_eval_mode(model))
         # The first batch is drawn, checked and sized before the counters start, which must not count
         # the check's trial run.
-        steps_done = stack.enter_context(_StepProgress(_images_in(loader), T_max, progress))
+        steps_done = stack.enter_context(_StepProgress(_images_in(loader), T_max, progress,
+                                                                   stop_when_quiet))
         batches = _checked_batches(loader, device, next(model for model in (ann, qann, snn) if model is not None))
         first = next(batches, None)
         footprint = simulation_footprint(snn, first[0]) if first is not None and max_memory is not None else None

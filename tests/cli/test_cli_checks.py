@@ -5,6 +5,7 @@ will be long, and a start-up that does not import torch for --help and --version
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import warnings
@@ -158,6 +159,24 @@ def test_a_long_evaluation_is_announced_with_its_estimate(monkeypatch: pytest.Mo
                                                r"the pace of its first 10 image-steps; a smaller --T, --T-list or "
                                                r"--eval-size shortens it$"):
         ann2snn.evaluate(tiny_snn(), loader, [8], chunk_size=2)
+
+
+def test_a_run_stopped_when_quiet_is_estimated_from_its_first_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A signed run was estimated from its first chunk as if every step ran: hours announced for minutes."""
+    monkeypatch.setattr(evaluate_module, "LONG_EVALUATION_S", 0.0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    snn = ann2snn.convert(model, [torch.rand(16, 6)], T=256, neuron="signed")
+    data = TensorDataset(torch.rand(10, 6), torch.randint(0, 3, (10,)))
+    quiet_after = int(snn.simulate(data.tensors[0][:5], [256], stop_when_quiet=True).steps_used.max())
+    assert quiet_after < 256
+    with pytest.warns(ConversionWarning) as announced:
+        ann2snn.evaluate(snn, DataLoader(data, batch_size=5), [256], chunk_size=1, stop_when_quiet=True)
+    message, = [str(warning.message) for warning in announced]
+    assert re.fullmatch(rf"this evaluation will take about \d+ s: 10 images x 256 time steps, at the pace of its "
+                        rf"first batch of 5 images, quiet after {quiet_after} steps; .*", message), message
+    with warnings.catch_warnings():  # one batch: it is over when its pace is known
+        warnings.simplefilter("error", ConversionWarning)
+        ann2snn.evaluate(snn, DataLoader(data, batch_size=10), [256], chunk_size=1, stop_when_quiet=True)
 
 
 def test_the_default_T_list_doubles_T_only_while_that_is_cheap() -> None:
