@@ -60,8 +60,9 @@ BIAS_ITERATIONS_AFTER_WEIGHTS = 1
 CALIBRATION_WORKING_SET = 1 << 30
 # Adam on each layer's weights and bias, full batch over the calibration images' window-mean inputs; the rate is
 # relative to the layer's mean absolute weight (balancing gives each layer its own scale). On the shared ResNet-20
-# (test-1000, each T its own conversion, 1 thread): 20 steps at 5e-3 give 79.9 / 82.4 % at T = 16 / 32 with
-# conversion in 29 / 46 s, 100 at 1e-3 79.1 / 82.1 % in 102 / 118 s, 10 at 1e-2 79.1 / 81.8 % in 25 / 39 s.
+# (test-1000, each T its own conversion, 1 thread, three bias steps after): 20 steps at 5e-3 give 79.9 / 82.4 % at
+# T = 16 / 32 with conversion in 29 / 46 s, 100 at 1e-3 79.1 / 82.1 % in 102 / 118 s, 10 at 1e-2 79.1 / 81.8 % in
+# 25 / 39 s.
 WEIGHT_ITERATIONS = 20
 WEIGHT_LEARNING_RATE = 5e-3
 

@@ -11,7 +11,14 @@ import torch
 
 import ann2snn
 from ann2snn.compiler.passes import calibrate_spiking
-from ann2snn.compiler.passes.calibrate_spiking import channel_means, membrane_at, reference_rates, window_rates
+from ann2snn.compiler.passes.calibrate_spiking import (
+    LayerUnderCalibration,
+    channel_means,
+    fit_weights,
+    membrane_at,
+    reference_rates,
+    window_rates,
+)
 from ann2snn.errors import ConversionWarning
 from ann2snn.runtime.layers import AddBias
 from ann2snn.runtime.network import SpikingNetwork
@@ -173,6 +180,25 @@ def test_window_model_counts_the_spikes_an_if_neuron_sends() -> None:
         modelled = window_rates(neuron, start, currents[counted_from:].mean(0), window)
         torch.testing.assert_close(modelled, fired, rtol=0, atol=1e-6)
         assert 0 < fired.mean() < 1
+
+
+def test_the_refitted_layer_sends_the_currents_the_simulation_goes_on_with() -> None:
+    """The currents' change is computed from the change of the layer's parameters alone (one pass, the layer
+    being linear): what follows must equal the refitted layer's output plus what else reached the neuron."""
+    torch.manual_seed(0)
+    layer = torch.nn.Conv2d(2, 3, 3, padding=1, bias=False)
+    inputs = (torch.rand(T, 4, 2, 6, 6) < 0.3).float()
+    residual = torch.randn(T, 4, 3, 6, 6) * 0.1
+    with torch.no_grad():
+        currents = layer(inputs.flatten(0, 1)).reshape(residual.shape) + residual
+    calibration = LayerUnderCalibration(IFNeuron(torch.full((3, 1, 1), 0.5)), currents, torch.rand(4, 3, 6, 6),
+                                        T // 2, layer, inputs)
+    before = layer.weight.detach().clone()
+    fit_weights(calibration)
+    assert not torch.equal(layer.weight, before) and layer.bias is not None
+    with torch.no_grad():
+        expected = layer(inputs.flatten(0, 1)).reshape(residual.shape) + residual
+    torch.testing.assert_close(calibration.currents, expected, rtol=0, atol=1e-5)
 
 
 def test_weight_calibration_refits_the_layers_feeding_a_neuron_alone(model) -> None:
