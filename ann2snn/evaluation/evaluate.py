@@ -248,14 +248,13 @@ class _StepProgress:
     def end_batch(self, images: int) -> None:
         """A batch stopped when quiet simulated fewer steps: the bar moves to where the batch ends."""
         first = self.done == self.batch_done
-        simulated = self.batch_done
         remaining = images * self.steps - self.batch_done
         if remaining > 0:
             self.done += remaining
             self.bar.update(remaining)
         if first and self.settles_early and self.total is not None and self.done < self.total:
             self._announce(f"at the pace of its first batch of {images} images, quiet after "
-                           f"{simulated // images} steps")
+                           f"{self.batch_done // images} steps")
 
     def _announce(self, pace: str) -> None:
         if self.total is None:
@@ -346,8 +345,7 @@ def evaluate(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] |
                 stack.enter_context(_eval_mode(model))
         # The first batch is drawn, checked and sized before the counters start, which must not count
         # the check's trial run.
-        steps_done = stack.enter_context(_StepProgress(_images_in(loader), T_max, progress,
-                                                                   stop_when_quiet))
+        steps_done = stack.enter_context(_StepProgress(_images_in(loader), T_max, progress, stop_when_quiet))
         batches = _checked_batches(loader, device, next(model for model in (ann, qann, snn) if model is not None))
         first = next(batches, None)
         footprint = simulation_footprint(snn, first[0]) if first is not None and max_memory is not None else None
