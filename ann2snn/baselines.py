@@ -14,7 +14,8 @@ A baselines file is a JSON document (what counts as a regression: `ann2snn.evalu
 `load` holds the model options given (arch, num_classes, mean, std, image_size); `conversion` the conversion
 settings given, flat as `ann2snn.config` records name them: the rest take the defaults of the ann2snn that
 checks, so a changed default is checked too; `options` the others (calib_size, eval_size, seed, batch_size,
-stop_when_quiet, recalibrate, qbits_budget, pruning). `config` (the configuration resolved when recording)
+stop_when_quiet, recalibrate, qbits_budget, pruning, energy_preset: the hardware the memory-aware energy is
+priced for, fp32-45nm in entries from before it). `config` (the configuration resolved when recording)
 and `versions` are there for the reader. Paths are relative to the file's directory, or `<shared>/...` below
 the shared data directory ($ANN2SNN_SHARED), so that the file works from any working directory and on any
 machine with the same data. Data whose fingerprint (every image's bytes and label) differs from the recorded
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ann2snn.config import SimulationConfig
+from ann2snn.evaluation.energy import DEFAULT_ENERGY_PRESET
 from ann2snn.evaluation.provenance import software_versions, utc_now
 from ann2snn.evaluation.regression import Comparison, Tolerance, compare, load_baselines, measurement
 from ann2snn.io.data import fingerprint, map_spec_path, open_dataset, shared_dir
@@ -103,7 +105,8 @@ def measure(entry: Mapping[str, Any], data: Mapping[str, str], base: Path, *, tr
         pruning = Pruning(**{**pruning, "finetune_data": finetune_data and _resolved_spec(finetune_data, base)})
     execution = dataclasses.replace(execution, seed=options.pop("seed", 0),
                                     batch_size=options.pop("batch_size", Execution.batch_size),
-                                    stop_when_quiet=options.pop("stop_when_quiet", False))
+                                    stop_when_quiet=options.pop("stop_when_quiet", False),
+                                    energy_preset=options.pop("energy_preset", DEFAULT_ENERGY_PRESET))
     conversion = convert_checkpoint(loaded, source=resolve_path(entry["checkpoint"], base), calib=data["calibration"],
                                     eval=data["evaluation"], T_list=entry["T_list"], pruning=pruning,
                                     execution=execution, **options, **entry["conversion"])

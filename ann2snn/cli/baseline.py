@@ -91,7 +91,7 @@ def run_record(args: argparse.Namespace) -> int:
     options = {"calib_size": args.calib_size, "eval_size": args.eval_size, "seed": args.seed,
                "batch_size": args.batch_size, "stop_when_quiet": args.stop_when_quiet or None,
                "recalibrate": args.recalibrate, "qbits_budget": args.qbits_budget,
-               "pruning": arguments.pruning(args)}
+               "pruning": arguments.pruning(args), "energy_preset": args.energy_preset}
     load = {"arch": args.arch, "num_classes": args.num_classes, **arguments.preprocessing_overrides(args)}
     pending = {name: baselines.new_entry(path, base, load=load, conversion=settings, options=options,
                                          T_list=args.T_list, tolerance=tolerance)

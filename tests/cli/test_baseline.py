@@ -59,12 +59,12 @@ def test_an_unchanged_model_passes_from_any_directory(baselines: Path, capsys, m
     assert entry["checkpoint"] == "../digits.pt"  # relative to the file, not to where it was recorded
     assert entry["conversion"] == {"T": 4} and entry["load"]["image_size"] == [1, 28, 28]
     assert set(entry["baseline"]) == {"ann", "qann", "snn", "spikes_per_image", "synops_per_image",
-                                      "energy_uj_per_image"}
+                                      "energy_uj_per_image", "memory_energy_uj_per_image"}
     assert entry["baseline"]["spikes_per_image"]["4"] > 0 and entry["versions"]["torch"]
     monkeypatch.chdir(baselines.parent)
     code, out, err = run_cli(capsys, "baseline", "check", "baselines.json", "--trust-pickle", "--no-progress")
     assert code == 0, err
-    assert "No regression: 10 metrics of 1 entries" in out and "FAIL" not in out
+    assert "No regression: 12 metrics of 1 entries" in out and "FAIL" not in out
 
 
 def test_a_raised_accuracy_fails(baselines: Path, capsys) -> None:
@@ -76,7 +76,7 @@ def test_a_raised_accuracy_fails(baselines: Path, capsys) -> None:
     assert code == 1, err
     failed = [line for line in out.splitlines() if "FAIL" in line]
     assert len(failed) == 1 and "| SNN T=4 accuracy % |" in failed[0] and "below limit" in failed[0]
-    assert "ann2snn: regression: 1 of 10 metrics beyond their tolerance (digits/default)" in out
+    assert "ann2snn: regression: 1 of 12 metrics beyond their tolerance (digits/default)" in out
 
 
 def test_raised_spikes_fail_at_equal_accuracy(baselines: Path, capsys) -> None:
@@ -92,6 +92,19 @@ def test_raised_spikes_fail_at_equal_accuracy(baselines: Path, capsys) -> None:
     failed = [line for line in out.splitlines() if "FAIL" in line]
     assert [line.split("|")[2].strip() for line in failed] == ["spikes/image T=2", "spikes/image T=4"]
     assert all("+50.0 %" in line and "above limit" in line for line in failed)
+
+
+def test_the_memory_energy_is_checked_under_the_preset_it_was_recorded_with(tmp_path: Path, capsys) -> None:
+    """An int8 entry priced at fp32 when checked would spend several times its memory-aware baseline."""
+    digits_checkpoint(tmp_path)
+    code, out, err = _record(capsys, tmp_path, "--out", tmp_path / "b.json", "--name", "digits",
+                             "--energy-preset", "int8-45nm")
+    assert code == 0, err
+    entry = json.loads((tmp_path / "b.json").read_text())["models"]["digits"]
+    assert entry["options"]["energy_preset"] == "int8-45nm"
+    code, out, err = run_cli(capsys, "baseline", "check", tmp_path / "b.json", "--trust-pickle", "--no-progress")
+    assert code == 0, out + err
+    assert "| digits | memory-aware energy µJ/image T=4 |" in out
 
 
 def test_update_takes_the_new_values(baselines: Path, capsys) -> None:

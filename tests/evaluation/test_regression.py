@@ -15,7 +15,8 @@ REPOSITORY = Path(__file__).resolve().parents[2]
 BASELINES_FILE = REPOSITORY / "calibration" / "baselines.json"
 
 BASELINE = {"ann": 90.0, "qann": 89.0, "snn": {"16": 80.0}, "spikes_per_image": {"16": 1000.0},
-            "synops_per_image": {"16": 5e6}, "energy_uj_per_image": {"16": 10.0}}
+            "synops_per_image": {"16": 5e6}, "energy_uj_per_image": {"16": 10.0},
+            "memory_energy_uj_per_image": {"16": 30.0}}
 
 
 def _measured(**changes: dict) -> dict:
@@ -36,10 +37,18 @@ def test_limits_in_points_and_fractions() -> None:
     assert _failed(_measured(spikes_per_image={"16": 1100.0})) == []
     assert _failed(_measured(spikes_per_image={"16": 1101.0}, energy_uj_per_image={"16": 20.0})) == \
         ["spikes/image T=16", "energy µJ/image T=16"]
+    assert _failed(_measured(memory_energy_uj_per_image={"16": 33.1})) == ["memory-aware energy µJ/image T=16"]
+
+
+def test_a_baseline_from_before_the_memory_model_checks_the_rest() -> None:
+    older = {key: value for key, value in BASELINE.items() if key != "memory_energy_uj_per_image"}
+    rows = compare("m", older, _measured(memory_energy_uj_per_image={"16": 1e9}), Tolerance())
+    assert [row.metric for row in rows if "memory" in row.metric] == []
+    assert all(row.passed for row in rows)
 
 
 def test_a_missing_measurement_fails() -> None:
-    assert len(_failed(None)) == 6
+    assert len(_failed(None)) == 7
     missing_T = {**BASELINE, "snn": {}}
     assert _failed(missing_T) == ["SNN T=16 accuracy %"]
     assert "FAIL (not measured)" in format_table(compare("m", BASELINE, None, Tolerance()))
