@@ -88,6 +88,35 @@ def test_the_same_seed_fits_the_same_network(residual) -> None:
     assert not all(torch.equal(tensor, state(other)[name]) for name, tensor in state(first).items())
 
 
+def test_mirror_images_join_the_calibration_images(residual) -> None:
+    """With `mirror`, the fit on the images is the fit, drawn alike, on the images followed by their mirror images."""
+    model, inputs, _ = residual
+    mirrored, joined, plain = (calibrated(model, inputs) for _ in range(3))
+    reconstruct_blocks(mirrored, inputs, iterations=10)
+    reconstruct_blocks(joined, torch.cat([inputs, inputs.flip(-1)]), iterations=10, mirror=False)
+    reconstruct_blocks(plain, inputs, iterations=10, mirror=False)
+    assert all(torch.equal(tensor, state(joined)[name]) for name, tensor in state(mirrored).items())
+    assert not all(torch.equal(tensor, state(plain)[name]) for name, tensor in state(mirrored).items())
+
+
+@pytest.mark.parametrize("probability", [0.0, 0.5, 1.0])
+def test_dropped_quantization_is_the_float_activation(residual, probability: float) -> None:
+    """While a block is fitted, each quantizer output is the float activation with the drop probability."""
+    model, inputs, _ = residual
+    qann = calibrated(model, inputs)
+    quantizer = next(module for module in qann.modules() if isinstance(module, QCFSQuantizer))
+    x = torch.randn(64, 8, 8, 8) * 2 * float(quantizer.theta)
+    quantized, floating = quantizer(x), torch.clamp(x, 0, quantizer.upper)
+    # not seed 0: the drops would then be drawn from the very numbers x came from (tests seed torch with 0)
+    with passes_module._dropping_quantization(qann, probability, torch.Generator().manual_seed(1)):
+        dropped = quantizer(x)
+    kept_float = (dropped == floating) & (quantized != floating)
+    differs = quantized != floating
+    assert torch.all((dropped == floating) | (dropped == quantized))
+    assert abs(float(kept_float.sum() / differs.sum()) - probability) < 0.02
+    torch.testing.assert_close(quantizer(x), quantized, rtol=0, atol=0)  # the drop ends with the fit
+
+
 def test_an_uncalibrated_qann_is_refused(residual) -> None:
     model, inputs, _ = residual
     qann = calibrated(model, inputs)
