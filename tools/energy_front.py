@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ class Point:
 @dataclass(frozen=True)
 class Family:
     ann: str  # the float checkpoint the family's checkpoints were fine-tuned from: the reference
-    points: list[Point] = field(default_factory=list)
+    points: list[Point]
 
 
 def _signed(bursts: int) -> dict[str, Any]:
@@ -107,9 +107,9 @@ def measure_reference(family: Family, eval_size: int | None) -> dict[str, Any]:
     loaded = load_model(ROOT / family.ann)
     batches = _test_batches(loaded.preprocessing, eval_size)
     images = sum(len(labels) for _, labels in batches)
-    top1 = accuracy(loaded.model, batches) / 100
-    return {"checkpoint": family.ann, "images": images, "accuracy": 100 * top1,
-            "ci95": [100 * bound for bound in accuracy_interval(top1, images)]}
+    percent = accuracy(loaded.model, batches)
+    return {"checkpoint": family.ann, "images": images, "accuracy": percent,
+            "ci95": [100 * bound for bound in accuracy_interval(percent / 100, images)]}
 
 
 def measure(point: Point, eval_size: int | None) -> dict[str, Any]:

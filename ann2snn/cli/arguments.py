@@ -170,7 +170,8 @@ def conversion_arguments() -> argparse.ArgumentParser:
     group.add_argument("--reconstruction", choices=vocabulary.RECONSTRUCTIONS,
                        help="after threshold calibration, fit the weights and biases of each block of the QANN to "
                             "the float ANN's block output on the calibration images and their mirror images "
-                            "(weights: about 2 s per block on one CPU core), or not (none); "
+                            "(weights: 2-7 minutes for a CIFAR ResNet-20 to ResNet-56 on one busy CPU core), or "
+                            "not (none); "
                             f"default {config_default('QuantizationConfig', 'reconstruction')}")
     group.add_argument("--threshold-levels", choices=vocabulary.THRESHOLD_LEVELS,
                        help="rate-coded neurons: choose thresholds for the T levels a neuron resolves in T steps "
