@@ -25,7 +25,7 @@ from ann2snn.compiler.qbits import QBits, check_qbits_spec
 from ann2snn.runtime.coding import RATE
 from ann2snn.runtime.encoding import SPIKE_ENCODINGS, check_encoding
 from ann2snn.runtime.network import check_readout_delay, check_steps
-from ann2snn.runtime.neuron_kinds import neuron_kind
+from ann2snn.runtime.neuron_kinds import neuron_kind, symmetric_neuron_kinds
 
 PERCENTILE_RULE = "percentile"
 POISSON = "poisson"
@@ -48,13 +48,18 @@ class QuantizationConfig:
     thresholds calibrated by `threshold_rule` (`percentile` takes the `percentile`-th percentile), per
     layer or per channel (`per_channel` None, default: see `channelwise_thresholds`), then, by `reconstruction`
     (a method of `ann2snn.compiler.passes.reconstruct_blocks.RECONSTRUCTIONS`, "none" by default), fitted block by
-    block to the float ANN on the calibration images (not with fine-tuned thresholds, which need no fitting)."""
+    block to the float ANN on the calibration images (not with fine-tuned thresholds, which need no fitting).
+    `quantize_streams` also quantizes, symmetrically, the linear values weighted layers read (MobileNetV2's
+    bottleneck outputs and residual stream: see `ann2snn.compiler.passes.mark_streams`), so that the SNN's every
+    synaptic layer after the first is spike-driven; it needs neurons that fire negative spikes (`signed`,
+    `signed-rate`)."""
 
     qbits: QBits = 4
     threshold_rule: str = "mse"
     percentile: float = 99.99
     per_channel: bool | None = None
     reconstruction: str = NO_RECONSTRUCTION
+    quantize_streams: bool = False
 
     def __post_init__(self) -> None:
         check_qbits_spec(self.qbits)
@@ -71,6 +76,8 @@ class QuantizationConfig:
             raise ValueError(f"per_channel must be True, False or None, got {self.per_channel!r}")
         if self.reconstruction not in RECONSTRUCTIONS:
             raise ValueError(f"unknown reconstruction {self.reconstruction!r}; choose one of {tuple(RECONSTRUCTIONS)}")
+        if not isinstance(self.quantize_streams, bool):
+            raise ValueError(f"quantize_streams must be True or False, got {self.quantize_streams!r}")
 
     def to_dict(self) -> dict[str, Any]:
         record = {"qbits": dict(self.qbits) if isinstance(self.qbits, Mapping) else self.qbits,
@@ -79,6 +86,8 @@ class QuantizationConfig:
             record["percentile"] = self.percentile
         if self.reconstruction != NO_RECONSTRUCTION:
             record["reconstruction"] = self.reconstruction
+        if self.quantize_streams:
+            record["quantize_streams"] = True
         return record
 
 
@@ -245,7 +254,8 @@ def quantization_config(config: QuantizationConfig | ConversionConfig | QBits | 
 
 # The flat record's keys and the part of the configuration each belongs to.
 _PART_OF = {
-    **dict.fromkeys(("qbits", "threshold_rule", "percentile", "per_channel", "reconstruction"), "quantization"),
+    **dict.fromkeys(("qbits", "threshold_rule", "percentile", "per_channel", "reconstruction", "quantize_streams"),
+                    "quantization"),
     **dict.fromkeys(("T", "chunk_size"), "simulation"),
     **dict.fromkeys(("neuron", "max_spikes_per_step", "neuron_options"), "neuron"),
     **dict.fromkeys(("encoding", "encoding_seed", "input_mean", "input_std"), "encoding"),
@@ -276,6 +286,9 @@ class ConversionConfig:
                 raise TypeError(f"{name} must be a {part.__name__}, got {type(getattr(self, name)).__name__}")
         kind = neuron_kind(self.neuron.kind)
         check_encoding(self.encoding.kind, kind.coding.name, kind.name)
+        if self.quantization.quantize_streams and kind.build_symmetric is None:
+            raise ValueError(f"quantized streams need neurons that fire negative spikes, and {kind.name!r} neurons "
+                             f"do not: use one of {symmetric_neuron_kinds()}, or leave the streams analog")
         if not self.rate_coded:
             # accumulate coding equals the QANN already: nothing to fit, and every step's output counts
             _set(self, "calibration", SpikingCalibrationConfig(method=NO_CALIBRATION))

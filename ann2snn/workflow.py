@@ -59,6 +59,8 @@ from ann2snn.training.pruning import PRUNE_MODES, PruningSummary, check_amount, 
 SNN_FILE = "snn.pt"
 # the T-step model (snn.onnx) and the single-step one share their tracing, so both come at one price
 CONVERSION_ONNX_FORMATS = ("t-step", "single-step")
+# the neuron a checkpoint fine-tuned with quantized streams converts with by default: the one that equals its QANN
+SYMMETRIC_DEFAULT_NEURON = "signed"
 
 
 def _note(message: str) -> None:
@@ -155,15 +157,18 @@ def model_entry(checkpoint: str | Path | None, loaded: LoadedModel) -> dict[str,
 
 def checkpoint_config(loaded: LoadedModel, config: ConversionConfig | None = None,
                       **settings: Any) -> ConversionConfig:
-    """`config` (default: the defaults, at the bits a fine-tuned checkpoint was trained at) with the keyword
-    `settings` changed. A qbits mapping without 'default' gives the activations it does not name those same
-    bits; spike encodings recover the intensity with the checkpoint's normalisation unless told otherwise."""
-    fine_tuned_bits = loaded.quantization["qbits"] if loaded.quantization is not None else None
-    default_bits = fine_tuned_bits or QuantizationConfig.qbits
+    """`config` (default: the defaults, at the bits a fine-tuned checkpoint was trained at, with its streams
+    quantized and signed neurons if it was fine-tuned so) with the keyword `settings` changed. A qbits mapping
+    without 'default' gives the activations it does not name those same bits; spike encodings recover the
+    intensity with the checkpoint's normalisation unless told otherwise."""
+    fine_tuned = loaded.quantization or {}
+    default_bits = fine_tuned.get("qbits") or QuantizationConfig.qbits
     qbits = settings.get("qbits")
     if isinstance(qbits, Mapping) and DEFAULT_KEY not in qbits:
         settings = {**settings, "qbits": {DEFAULT_KEY: default_bits, **qbits}}
     given = config.to_dict() if config is not None else {"qbits": default_bits}
+    if config is None and fine_tuned.get("quantize_streams"):
+        given |= {"quantize_streams": True, "neuron": SYMMETRIC_DEFAULT_NEURON}
     normalisation = {"input_mean": loaded.preprocessing.mean, "input_std": loaded.preprocessing.std}
     return ConversionConfig.from_dict({**normalisation, **given, **settings})
 

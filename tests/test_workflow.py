@@ -113,6 +113,17 @@ def test_checkpoint_config_takes_the_fine_tuned_bits(digits):
         checkpoint_config(loaded, steps=3)
 
 
+def test_a_checkpoint_fine_tuned_with_quantized_streams_converts_them_with_signed_neurons(digits):
+    _, loaded = digits
+    tuned, _ = fine_tuned(loaded, qbits=2)
+    streams = dataclasses.replace(tuned, quantization={**tuned.quantization, "quantize_streams": True})
+    assert checkpoint_config(streams) == ConversionConfig.from_dict({"qbits": 2, "quantize_streams": True,
+                                                                     "neuron": "signed"})
+    assert checkpoint_config(streams, neuron="signed-rate").neuron.kind == "signed-rate"
+    with pytest.raises(ValueError, match="quantized streams need neurons that fire negative spikes"):
+        checkpoint_config(streams, neuron="if")
+
+
 def test_pruning_and_bit_budget_are_recorded(digits):
     _, loaded = digits
     snn, _, ann, _ = convert_checkpoint(loaded, T=4, pruning=Pruning(0.5), execution=FAST, **DATA)

@@ -41,6 +41,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--qbits", type=int,
                         help="fine-tune with QCFS quantizers of this many bits (default: plain ANN)")
     parser.add_argument("--per-channel", action="store_true", help="one learnable threshold per channel")
+    parser.add_argument("--quantize-streams", action="store_true",
+                        help="with --qbits: also quantize, symmetrically, the linear values convolutions read "
+                             "(MobileNetV2's bottleneck outputs and residual stream); convert with signed neurons")
     parser.add_argument("--epochs", type=int, required=True)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--weight-decay", type=float, default=5e-4)
@@ -62,6 +65,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.quantize_streams and args.qbits is None:
+        parser.error("--quantize-streams needs --qbits: it adds quantizers to the quantization-aware network")
     if args.spike_penalty and args.qbits is None:
         parser.error("--spike-penalty needs --qbits: it penalises the spikes of the quantized network's SNN")
     # Bad settings are refused here, not after the minute the training data takes to decode
@@ -108,14 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.qbits is None:
         result = train(model, train_loader, config, **fit_options)
     else:
-        result = finetune(model, train_loader, qbits=args.qbits, per_channel=args.per_channel, config=config,
-                          **fit_options)
+        result = finetune(model, train_loader, qbits=args.qbits, per_channel=args.per_channel,
+                          quantize_streams=args.quantize_streams, config=config, **fit_options)
     training = {"command": " ".join(["python", "tools/train.py", *(argv if argv is not None else sys.argv[1:])]),
                 "init": str(args.init) if args.init else None, "epochs": args.epochs,
                 "spike_penalty": args.spike_penalty, "history": result.history,
                 "device": str(device), "eval_accuracy_ann": accuracy(result.model, eval_loader)}
     if args.qbits is not None:
-        qann = quantize(result.model, None, args.qbits, thresholds=result.thresholds)
+        qann = quantize(result.model, None, args.qbits, thresholds=result.thresholds,
+                        quantize_streams=args.quantize_streams)
         training["eval_accuracy_qann"] = accuracy(qann, eval_loader)
     weights = result.model.half() if args.half else result.model
     temporary = args.out.with_name(args.out.name + ".tmp")

@@ -173,6 +173,11 @@ def conversion_arguments() -> argparse.ArgumentParser:
                             "(weights: 2-7 minutes for a CIFAR ResNet-20 to ResNet-56 on one busy CPU core), or "
                             "not (none); "
                             f"default {config_default('QuantizationConfig', 'reconstruction')}")
+    group.add_argument("--quantize-streams", action="store_true", default=None,
+                       help="also quantize, symmetrically, the linear values convolutions read (MobileNetV2's "
+                            "bottleneck outputs and residual stream), so that every synaptic layer after the "
+                            "first is spike-driven; needs --neuron signed or signed-rate (a checkpoint fine-tuned "
+                            "so sets it, and signed neurons, itself)")
     group.add_argument("--threshold-levels", choices=vocabulary.THRESHOLD_LEVELS,
                        help="rate-coded neurons: choose thresholds for the T levels a neuron resolves in T steps "
                             "(steps) or for the QANN's 2**qbits - 1 (bits); default "
@@ -401,7 +406,8 @@ def conversion_settings(args: argparse.Namespace) -> dict[str, Any]:
                  "max_spikes_per_step": args.max_spikes_per_step, "neuron_options": _neuron_options(args),
                  "threshold_rule": args.threshold_rule, "percentile": args.percentile,
                  "per_channel": args.per_channel, "reconstruction": args.reconstruction,
-                 "encoding": args.encoding, "encoding_seed": args.encoding_seed,
+                 "quantize_streams": args.quantize_streams, "encoding": args.encoding,
+                 "encoding_seed": args.encoding_seed,
                  "threshold_levels": args.threshold_levels, "snn_calibration": args.snn_calibration,
                  "snn_calibration_images": args.snn_calibration_images, "readout_delay": args.readout_delay}
         settings = {key: value for key, value in given.items() if value is not None}

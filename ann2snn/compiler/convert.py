@@ -54,16 +54,20 @@ def _eval_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).eval()
 
 
-def prepare_pipeline(example_input=None, *, fold_batchnorm: bool = True, check_supported: bool = True) -> PassManager:
+def prepare_pipeline(example_input=None, *, fold_batchnorm: bool = True, check_supported: bool = True,
+                     quantize_streams: bool = False) -> PassManager:
     """Trace and normalise: the graph every later stage (and `ann2snn inspect`) starts from. An example
     input records tensor shapes, which lets a Linear + BatchNorm1d pair fold (else it stays affine).
     `fold_batchnorm=False` keeps the BatchNorm layers (fine-tuning trains them); `check_supported=False`
-    keeps nodes a spiking network cannot compute (`ann2snn inspect` reports them itself)."""
+    keeps nodes a spiking network cannot compute (`ann2snn inspect` reports them itself); `quantize_streams`
+    marks the linear values weighted layers read for quantization (see `QuantizationConfig`)."""
     steps = [
         ("trace", partial(trace, example_input=example_input)),
         ("normalize_activations", normalize_activations),
         ("remove_identities", remove_identities),
     ]
+    if quantize_streams:
+        steps.append(("mark_streams", passes.mark_streams))
     if fold_batchnorm:
         steps.append(("fold_batchnorm", passes.fold_batchnorm))
     if check_supported:
@@ -111,7 +115,7 @@ def quantize(model: nn.Module, calib_loader: Iterable[Any] | None,
             # under torchrun every process fits the same network, on the images of all shards
             threshold_steps.append(("reconstruct_blocks", partial(
                 reconstruct_blocks, inputs=gather_in_order(calibration), method=quantization.reconstruction)))
-    pipeline = PassManager(prepare_pipeline(example).passes + [
+    pipeline = PassManager(prepare_pipeline(example, quantize_streams=quantization.quantize_streams).passes + [
         ("insert_quantizers", partial(insert_quantizers, qbits=quantization.qbits,
                                       per_channel=channelwise_thresholds(quantization, levels))),
         *threshold_steps,

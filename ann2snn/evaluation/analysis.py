@@ -17,7 +17,6 @@ relative to that of a, with the Pearson correlation between a and s_T.
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 from collections.abc import Iterable, Sequence
@@ -27,13 +26,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.fx as fx
 import torch.nn as nn
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from ann2snn.compiler.qbits import quantizer_bits
-from ann2snn.compiler.quantizer import ClippedReLU, QCFSQuantizer
+from ann2snn.compiler.quantizer import float_network
 from ann2snn.distributed import reduce_over_processes, require_on_every_process
 from ann2snn.evaluation.report import network_text, save_figure, text_table
 from ann2snn.io.atomic import atomic_write
@@ -96,16 +94,6 @@ class Analysis:
                     "clipped_error": "|c - s_T| / |a| (rate-coded neurons approach c rather than q)",
                     "correlation": "Pearson correlation of a and s_T over all neurons and images"},
                 "layers": [layer.to_json() for layer in self.layers]}
-
-
-def float_reference(qann: fx.GraphModule) -> fx.GraphModule:
-    """The QANN with every quantizer replaced by its float activation clamp(x, 0, upper): the ANN with
-    BatchNorm folded, whose activations carry the quantizers' names."""
-    reference = copy.deepcopy(qann)
-    for name, module in qann.named_modules():
-        if isinstance(module, QCFSQuantizer):
-            reference.add_submodule(name, ClippedReLU(module.upper))
-    return reference
 
 
 class _Recorder:
@@ -174,7 +162,7 @@ def analyze(snn: SpikingNetwork, loader: Iterable[Any], T_list: Iterable[int] | 
     quantizers = {name: qann.get_submodule(name) for name in bits}  # in graph order
     if missing := sorted(set(quantizers) - set(neurons)):
         raise ValueError(f"the spiking network has no neuron layer for the quantizers {', '.join(missing)}")
-    reference = float_reference(qann)
+    reference = float_network(qann)
     ann_activations = _Recorder({name: reference.get_submodule(name) for name in quantizers})
     qann_activations = _Recorder(quantizers)
     sums = {name: _Sums(T_list) for name in quantizers}

@@ -23,7 +23,8 @@ from ann2snn.runtime.neurons import (
 @dataclass(frozen=True)
 class NeuronKind:
     """`build(theta, levels, max_spikes_per_step, options)` makes the neuron standing for a calibrated QCFS
-    quantizer of threshold theta and L = levels; `spike_value(theta, levels)` is what one of its spikes is
+    quantizer of threshold theta and L = levels, and `build_symmetric` (None: the kind cannot) one standing for a
+    signed quantizer (levels -L to L); `spike_value(theta, levels)` is what one of its spikes is
     worth in the QANN's units; `options` names the keyword options `build` accepts (with their defaults);
     `readout_delay` is the fraction of T a rate-coded network of these neurons leaves out of its read-out by
     default (see `ann2snn.runtime.network.SpikingNetwork.readout_start`); `snn_calibration` the SNN calibration
@@ -37,6 +38,7 @@ class NeuronKind:
     description: str
     readout_delay: float = 0.0
     snn_calibration: str = "bias"
+    build_symmetric: Callable[[torch.Tensor, int, int, Mapping[str, Any]], SpikingNeuron] | None = None
 
 
 def _threshold(theta: torch.Tensor, levels: int) -> torch.Tensor:
@@ -68,9 +70,13 @@ NEURON_KINDS: dict[str, NeuronKind] = {kind.name: kind for kind in (
                "leaky integrate-and-fire with leak-compensating current", ZERO_ONE_READOUT_DELAY),
     NeuronKind("signed", ACCUMULATE,
                lambda theta, levels, k, options: SignedNeuron(theta / levels, levels, k, **options),
-               _step, {}, "ternary spikes of theta/L, count kept in [0, L]: equals the QANN once settled"),
+               _step, {}, "ternary spikes of theta/L, count kept in [0, L]: equals the QANN once settled",
+               build_symmetric=lambda theta, levels, k, options: SignedNeuron(theta / levels, levels, k,
+                                                                              symmetric=True, **options)),
     NeuronKind("signed-rate", RATE, lambda theta, levels, k, options: SignedNeuron(theta, None, k, **options),
-               _threshold, {}, "ternary spikes of theta, rate-coded: takes back spikes fired too early"),
+               _threshold, {}, "ternary spikes of theta, rate-coded: takes back spikes fired too early",
+               build_symmetric=lambda theta, levels, k, options: SignedNeuron(theta, None, k, symmetric=True,
+                                                                              **options)),
     NeuronKind("adaptive", RATE, lambda theta, levels, k, options: AdaptiveNeuron(theta, k, **options), _threshold,
                {"adapt_increase": DEFAULT_ADAPT_INCREASE, "adapt_decay": DEFAULT_ADAPT_DECAY},
                "adaptive threshold: fewer, heavier spikes", ZERO_ONE_READOUT_DELAY),
@@ -82,3 +88,8 @@ def neuron_kind(name: str) -> NeuronKind:
         return NEURON_KINDS[name]
     except KeyError:
         raise ValueError(f"unknown neuron {name!r}; choose one of {tuple(NEURON_KINDS)}") from None
+
+
+def symmetric_neuron_kinds() -> tuple[str, ...]:
+    """The kinds that can stand for a signed quantizer."""
+    return tuple(name for name, kind in NEURON_KINDS.items() if kind.build_symmetric is not None)

@@ -68,18 +68,19 @@ def adaptive_integrate_and_fire(v: torch.Tensor, adaptation: torch.Tensor, curre
 
 
 def signed_fire(v: torch.Tensor, count: torch.Tensor, current: torch.Tensor, v_threshold: torch.Tensor,
-                levels: float, max_spikes_per_step: int) -> Fired:
-    """One step of a signed neuron: membrane `v` and spike counter `count`, both updated in place."""
+                levels: float, max_spikes_per_step: int, lowest: float = 0.0) -> Fired:
+    """One step of a signed neuron: membrane `v` and spike counter `count` (kept in [lowest, levels]), both
+    updated in place."""
     v.add_(current)
     if max_spikes_per_step == 1:
         up = v >= v_threshold
         if levels != float("inf"):
             up &= count < levels
-        spikes = up.to(v.dtype).sub_(((v < 0) & (count > 0)).to(v.dtype))
+        spikes = up.to(v.dtype).sub_(((v < 0) & (count > lowest)).to(v.dtype))
     else:
         k = max_spikes_per_step
         up = torch.minimum(torch.floor(v / v_threshold).clamp_(0, k), levels - count)
-        down = torch.minimum(torch.ceil(-v / v_threshold).clamp_(0, k), count)
+        down = torch.minimum(torch.ceil(-v / v_threshold).clamp_(0, k), count - lowest)
         spikes = up - down
     v.sub_(spikes * v_threshold)
     count.add_(spikes)
@@ -184,7 +185,9 @@ class SignedNeuron(SpikingNeuron):
     It fires +1 at threshold while its count is below L and -1 (taking back an early spike) when the
     membrane is below zero and its count above 0. Fed currents that sum to z, it settles with
     count = clamp(floor(z / v_threshold + 1/2), 0, L): the QCFS level, exactly. With accumulate coding
-    inputs and biases are injected once and the network's output is the sum over time.
+    inputs and biases are injected once and the network's output is the sum over time. With `symmetric`
+    the count runs from -L (from -inf when rate-coded): it stands for a signed quantizer, and -1 spikes below
+    zero are the negative levels.
 
     With rate coding (`levels=None`, threshold theta) it is a signed IF neuron in the manner of Wang et
     al. 2022's signed neuron with memory: it takes back spikes fired too early when its input turns
@@ -193,17 +196,21 @@ class SignedNeuron(SpikingNeuron):
     dynamics = staticmethod(signed_fire)
     state_names = ("v", "count", "spike_count")
 
+    # a neuron saved before symmetric ones existed counts from 0
+    lowest = 0.0
+
     def __init__(self, v_threshold: torch.Tensor, levels: int | None, max_spikes_per_step: int = 1,
-                 initial_membrane: float = 0.5):
+                 initial_membrane: float = 0.5, symmetric: bool = False):
         super().__init__(v_threshold, max_spikes_per_step, initial_membrane)
         self.levels = float("inf") if levels is None else levels
+        self.lowest = -self.levels if symmetric else 0.0
         self.count: torch.Tensor | None = None
 
     def constants(self) -> tuple:
-        return (self.v_threshold, self.levels, self.max_spikes_per_step)
+        return (self.v_threshold, self.levels, self.max_spikes_per_step, self.lowest)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, levels={self.levels}"
+        return f"{super().extra_repr()}, levels={self.levels}" + (", symmetric" if self.lowest else "")
 
 
 class LIFNeuron(IFNeuron):

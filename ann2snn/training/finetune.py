@@ -84,13 +84,15 @@ class Trained:
     qbits: int | None
     thresholds: dict[str, torch.Tensor] | None
     history: list[dict[str, float]] = field(default_factory=list)
+    quantize_streams: bool = False
 
     @property
     def quantization(self) -> dict[str, Any] | None:
         """The checkpoint entry `ann2snn convert` reads (see `model_loading.save_checkpoint`)."""
         if self.qbits is None:
             return None
-        return {"qbits": self.qbits, "thresholds": {name: theta.cpu() for name, theta in self.thresholds.items()}}
+        entry = {"qbits": self.qbits, "thresholds": {name: theta.cpu() for name, theta in self.thresholds.items()}}
+        return entry | ({"quantize_streams": True} if self.quantize_streams else {})
 
 
 def quantization_aware(model: nn.Module, calib_batches: Iterable[Any],
@@ -105,7 +107,8 @@ def quantization_aware(model: nn.Module, calib_batches: Iterable[Any],
         raise ValueError("the calibration loader yielded no batches")
     example = batch_input(first)[:1].to(device_of(model))
     # BatchNorm keeps training; the conversion checks support on the folded graph
-    front_end = prepare_pipeline(example, fold_batchnorm=False, check_supported=False)
+    front_end = prepare_pipeline(example, fold_batchnorm=False, check_supported=False,
+                                 quantize_streams=quantization.quantize_streams)
     graph = PassManager(front_end.passes + [
         ("insert_quantizers", partial(insert_quantizers, qbits=quantization.qbits,
                                       per_channel=channelwise_thresholds(quantization, None))),
@@ -161,7 +164,7 @@ class _SpikeCount:
             return
         # Without a penalty the count is only recorded: no graph for it
         with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
-            self._levels = self._levels + (output / quantizer.step).sum()
+            self._levels = self._levels + (output / quantizer.step).abs().sum()
         self._neurons += output[0].numel()
         self._samples = output.shape[0]
 
@@ -332,4 +335,5 @@ def finetune(model: nn.Module, train_loader: Iterable[Any], quantization: Quanti
     graph = quantization_aware(model, calibration, quantization)
     history = fit(graph, train_loader, config, **options)
     thresholds = {name: quantizer.theta.detach().clone() for name, quantizer in _quantizers(graph).items()}
-    return Trained(_trained_weights(model, graph), quantization.qbits, thresholds, history)
+    return Trained(_trained_weights(model, graph), quantization.qbits, thresholds, history,
+                   quantization.quantize_streams)

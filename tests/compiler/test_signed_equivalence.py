@@ -144,3 +144,17 @@ def test_shufflenet_v2_settles_on_the_qann() -> None:
     output, expected = settled_output(snn, x, 1024)
     error = ((output - expected).norm(dim=1) / expected.norm(dim=1)).max()
     assert error < 1e-12, f"relative error {error:.2e}"
+
+
+def test_mobilenet_v2_with_quantized_streams_settles_on_the_qann() -> None:
+    """The zoo's MobileNetV2 with its linear bottlenecks and residual stream quantized too (symmetric levels, signed
+    neurons counting from -L), random weights and BatchNorm statistics, in float64."""
+    torch.manual_seed(4)
+    model = randomize_bn(build_model("mobilenet_v2_cifar_s2")).eval().double()
+    snn = ann2snn.convert(model, [torch.randn(8, 3, 16, 16, dtype=torch.float64)], qbits=3, T=1024,
+                          neuron="signed", max_spikes_per_step=4, quantize_streams=True)
+    assert sum(neuron.lowest < 0 for neuron in snn.neurons.values()) == 17
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    output, expected = settled_output(snn, x, 1024)
+    error = ((output - expected).norm(dim=1) / expected.norm(dim=1)).max()
+    assert error < 1e-12, f"relative error {error:.2e}"

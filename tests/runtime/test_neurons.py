@@ -81,27 +81,31 @@ def _random_split(z: torch.Tensor, parts: int, generator: torch.Generator) -> li
 @pytest.mark.parametrize("levels", [1, 3, 15])
 @pytest.mark.parametrize("k", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_signed_neuron_settles_on_qcfs_level(levels: int, k: int, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_signed_neuron_settles_on_qcfs_level(levels: int, k: int, dtype: torch.dtype, symmetric: bool) -> None:
     generator = torch.Generator().manual_seed(levels * 10 + k)
     th = torch.tensor(0.7, dtype=dtype)
-    z = ((torch.rand(16, 32, generator=generator) * 1.4 - 0.2) * levels * th).to(dtype)
+    lowest = -levels if symmetric else 0
+    z = ((torch.rand(16, 32, generator=generator) * 1.4 - 0.2) * (levels - lowest) + lowest) * th
+    z = z.to(dtype)
     currents = [c.to(dtype) for c in _random_split(z, 6, generator)]
     assert any(bool((c < 0).any()) for c in currents)
-    currents += [torch.zeros_like(z)] * (2 * levels + 6)
+    currents += [torch.zeros_like(z)] * (2 * (levels - lowest) + 6)
 
-    neuron = SignedNeuron(th, levels, max_spikes_per_step=k)
+    neuron = SignedNeuron(th, levels, max_spikes_per_step=k, symmetric=symmetric)
     running = torch.zeros_like(z)
     for t, current in enumerate(currents):
         neuron.set_window(t, 1)
         s = neuron(current)
         assert s.abs().max() <= k
         running += s
-        assert running.min() >= 0 and running.max() <= levels
+        assert running.min() >= lowest and running.max() <= levels
         torch.testing.assert_close(neuron.count, running, rtol=0, atol=0)
-    expected = torch.clamp(torch.floor(z / th + 0.5), 0, levels)
+    expected = torch.clamp(torch.floor(z / th + 0.5), lowest, levels)
     torch.testing.assert_close(neuron.count, expected, rtol=0, atol=0)
     assert s.abs().max() == 0  # settled
-    assert 0 < float(expected.mean()) < levels  # the test exercises both clips and the inside
+    # the test exercises both clips and the inside
+    assert (expected == lowest).any() and (expected == levels).any() and lowest < float(expected.mean()) < levels
 
 
 def test_signed_neuron_per_channel_threshold_folded_steps() -> None:

@@ -301,6 +301,16 @@ def test_spike_penalty_is_the_levels_per_neuron_and_image_with_the_straight_thro
     torch.testing.assert_close(net[0].weight.detach(), torch.eye(4) - 0.1 * penalty * gradient)
 
 
+def test_a_signed_quantizer_counts_its_negative_levels_as_spikes():
+    # a signed neuron fires one -1 spike per negative level: levels 0, -1, -2, -3 and 0, 0, 0, 2 (8 spikes)
+    net = _one_quantizer_net()
+    net[1].signed = True
+    x = torch.tensor([[-0.1, -0.3, -0.8, -2.0], [0.0, 0.0, 0.0, 1.0]])
+    history = fit(net, [(x, torch.tensor([0, 1]))], TrainingConfig(epochs=1, lr=0.1), progress=False,
+                  log=lambda _: None)
+    assert history[0]["spikes_per_neuron"] == pytest.approx(1.0)
+
+
 def test_a_negative_spike_penalty_or_one_without_quantizers_is_refused(mnist):
     for penalty in (-0.1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match=rf"spike_penalty must be a finite number >= 0 \(.*\), got {penalty}$"):

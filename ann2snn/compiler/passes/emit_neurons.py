@@ -17,8 +17,9 @@ import torch.nn as nn
 from ann2snn.compiler.graph_utils import free_name, insert_module_after, is_module, is_number, replace_with_module
 from ann2snn.compiler.ops import Role, is_shape_value, op_of, role_of
 from ann2snn.compiler.quantizer import QCFSQuantizer
+from ann2snn.errors import ConversionError
 from ann2snn.runtime.layers import AddBias, ChannelAffine, Scale, SpikingMaxPool
-from ann2snn.runtime.neuron_kinds import neuron_kind
+from ann2snn.runtime.neuron_kinds import neuron_kind, symmetric_neuron_kinds
 from ann2snn.runtime.neurons import SpikingNeuron
 
 _MAX_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
@@ -31,7 +32,11 @@ def make_neuron(quantizer: QCFSQuantizer, kind: str, max_spikes_per_step: int,
     spikes carries. `options` are extra neuron arguments (e.g. decay for 'lif', adapt_increase and
     adapt_decay for 'adaptive')."""
     entry = neuron_kind(kind)
-    neuron = entry.build(quantizer.theta, quantizer.levels, max_spikes_per_step, options or {})
+    build = entry.build_symmetric if quantizer.signed else entry.build
+    if build is None:
+        raise ConversionError(f"neuron {kind!r} fires no negative spikes, and a signed quantizer (a quantized "
+                              f"stream) needs them: convert with a neuron of {symmetric_neuron_kinds()}")
+    neuron = build(quantizer.theta, quantizer.levels, max_spikes_per_step, options or {})
     return neuron, Scale(entry.spike_value(quantizer.theta, quantizer.levels))
 
 

@@ -1,6 +1,6 @@
 """Pass 6: each normalised activation becomes a QCFS clip-floor-shift quantizer with 2**bits - 1 levels
-(uncalibrated until `calibrate_thresholds` sets its threshold); `ann2snn.compiler.qbits` says how many
-bits each activation gets."""
+(uncalibrated until `calibrate_thresholds` sets its threshold), symmetric for the signed marks of
+`mark_streams`; `ann2snn.compiler.qbits` says how many bits each activation gets."""
 from __future__ import annotations
 
 import torch.fx as fx
@@ -14,8 +14,9 @@ def insert_quantizers(gm: fx.GraphModule, qbits: QBits = 4, per_channel: bool = 
     bits = activation_bits(gm, qbits)
     for node in activation_nodes(gm):
         if is_module(gm, node, ClippedReLU):
-            upper = gm.get_submodule(node.target).upper
-            gm.add_submodule(node.target, QCFSQuantizer(check_qbits(bits[node.target]), upper, per_channel))
+            activation = gm.get_submodule(node.target)
+            gm.add_submodule(node.target, QCFSQuantizer(check_qbits(bits[node.target]), activation.upper, per_channel,
+                                                        activation.signed))
     return gm
 
 

@@ -21,7 +21,6 @@ float and two quantized (before and after fitting); the activations of every ima
 twice (float and QANN). Adding a method is one entry in RECONSTRUCTIONS."""
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 
 from ann2snn.compiler.graph_utils import call_sites, floating_dtype
 from ann2snn.compiler.ops import WEIGHTED, Role, role_of
-from ann2snn.compiler.quantizer import ClippedReLU, QCFSQuantizer
+from ann2snn.compiler.quantizer import QCFSQuantizer, float_network
 from ann2snn.errors import ConversionError
 from ann2snn.io.batches import device_of
 
@@ -121,15 +120,6 @@ def block_module(gm: fx.GraphModule, block: Block) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
-def float_network(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of the QANN with every quantizer back to its float activation, clamp(x, 0, upper): the ANN."""
-    reference = copy.deepcopy(gm)
-    for name, module in list(reference.named_modules()):
-        if isinstance(module, QCFSQuantizer):
-            reference.add_submodule(name, ClippedReLU(module.upper))
-    return reference
-
-
 def _same_block(reference: fx.GraphModule, block: Block) -> Block:
     nodes = {node.name: node for node in reference.graph.nodes}
     return Block(nodes[block.start.name], tuple(nodes[node.name] for node in block.nodes), nodes[block.end.name])
@@ -165,11 +155,11 @@ RECONSTRUCTIONS: dict[str, Callable[[fx.GraphModule, Block], list[nn.Parameter]]
 
 @contextmanager
 def _dropping_quantization(module: fx.GraphModule, probability: float, generator: torch.Generator) -> Iterator[None]:
-    """Each output of the block's quantizers is its float activation, clamp(x, 0, upper), with `probability`."""
+    """Each output of the block's quantizers is its float activation with `probability`."""
     def keep_some_float(quantizer: QCFSQuantizer, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
         value = args[0]
         kept = torch.rand(value.shape, generator=generator).to(value.device) < probability
-        return torch.where(kept, torch.clamp(value, min=0.0, max=quantizer.upper), output)
+        return torch.where(kept, quantizer.float_activation()(value), output)
 
     handles = [quantizer.register_forward_hook(keep_some_float) for quantizer in module.modules()
                if isinstance(quantizer, QCFSQuantizer)] if probability else []

@@ -12,14 +12,14 @@ from torch import nn
 import ann2snn
 from ann2snn.compiler.pass_manager import run_passes
 from ann2snn.compiler.passes import reconstruct_blocks
-from ann2snn.compiler.quantizer import QCFSQuantizer
+from ann2snn.compiler.quantizer import QCFSQuantizer, float_network
 from ann2snn.config import ConversionConfig, QuantizationConfig
 from ann2snn.errors import ConversionError
 from tests.networks import ResidualNet, cnn
 
 # the module, whose name the package gives to its function
 passes_module = sys.modules["ann2snn.compiler.passes.reconstruct_blocks"]
-blocks, block_errors, float_network = passes_module.blocks, passes_module.block_errors, passes_module.float_network
+blocks, block_errors = passes_module.blocks, passes_module.block_errors
 
 
 def calibrated(model: nn.Module, inputs: torch.Tensor, bits: int = 2) -> torch.fx.GraphModule:
