@@ -183,3 +183,13 @@ def test_a_mapping_that_resolves_to_one_number_is_recorded_as_that_number() -> N
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2)).eval()
     snn = ann2snn.convert(model, [torch.randn(8, 4)], qbits={"default": 3, "first": 3}, T=4)
     assert snn.config["qbits"] == 3 and "qbits_per_layer" not in snn.config
+
+
+def test_quantizers_live_on_the_models_device() -> None:
+    # A GPU model in fine-tuning got its thresholds on the CPU and failed in calibration; "meta" stands in
+    # for the GPU on a machine without one
+    normalized = run_passes(Net().to("meta").eval(), trace, normalize_activations)
+    quantized = insert_quantizers(normalized)
+    quantizers = [m for m in quantized.modules() if isinstance(m, QCFSQuantizer)]
+    assert len(quantizers) == 3
+    assert {t.device.type for q in quantizers for t in [*q.parameters(), *q.buffers()]} == {"meta"}
