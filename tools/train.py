@@ -52,6 +52,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--spike-penalty", type=float, default=0.0, metavar="LAMBDA",
                         help="with --qbits: add LAMBDA x the SNN's spikes per neuron and image to the loss "
                              "(default 0: none)")
+    parser.add_argument("--synops-penalty", type=float, default=0.0, metavar="LAMBDA",
+                        help="with --qbits: add LAMBDA x the SNN's synaptic operations per image over the ANN's "
+                             "MACs to the loss, each spike weighted by the synapses it drives (default 0: none)")
     parser.add_argument("--cutout", type=int, default=0, metavar="PIXELS",
                         help="cut out one square of this size per training image (default 0: none)")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -67,13 +70,15 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quantize_streams and args.qbits is None:
         parser.error("--quantize-streams needs --qbits: it adds quantizers to the quantization-aware network")
-    if args.spike_penalty and args.qbits is None:
-        parser.error("--spike-penalty needs --qbits: it penalises the spikes of the quantized network's SNN")
+    for option in ("spike_penalty", "synops_penalty"):
+        if getattr(args, option) and args.qbits is None:
+            parser.error(f"--{option.replace('_', '-')} needs --qbits: it penalises the spikes of the quantized "
+                         f"network's SNN")
     # Bad settings are refused here, not after the minute the training data takes to decode
     try:
         args.config = TrainingConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
                                      warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
-                                     spike_penalty=args.spike_penalty)
+                                     spike_penalty=args.spike_penalty, synops_penalty=args.synops_penalty)
     except ValueError as error:
         parser.error(str(error))
     return args
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                           quantize_streams=args.quantize_streams, config=config, **fit_options)
     training = {"command": " ".join(["python", "tools/train.py", *(argv if argv is not None else sys.argv[1:])]),
                 "init": str(args.init) if args.init else None, "epochs": args.epochs,
-                "spike_penalty": args.spike_penalty, "history": result.history,
+                "spike_penalty": args.spike_penalty, "synops_penalty": args.synops_penalty, "history": result.history,
                 "device": str(device), "eval_accuracy_ann": accuracy(result.model, eval_loader)}
     if args.qbits is not None:
         qann = quantize(result.model, None, args.qbits, thresholds=result.thresholds,

@@ -28,11 +28,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ann2snn.compiler.convert import prepare_pipeline
+from ann2snn.compiler.ops import WEIGHTED
 from ann2snn.compiler.pass_manager import PassManager
 from ann2snn.compiler.passes import calibrate_thresholds, insert_quantizers
 from ann2snn.compiler.qbits import QBits
 from ann2snn.compiler.quantizer import QCFSQuantizer
 from ann2snn.config import QUANTIZATION_KEYS, QuantizationConfig, channelwise_thresholds, quantization_config
+from ann2snn.evaluation.synops import fan_out
 from ann2snn.io.atomic import atomic_write
 from ann2snn.io.batches import batch_input, batch_labels, device_of
 
@@ -47,7 +49,10 @@ class TrainingConfig:
 
     `spike_penalty` (quantization-aware fine-tuning only) adds lambda x the spikes per neuron and image of
     the SNN the quantized network becomes to the cross-entropy (see `_SpikeCount`): fewer spikes for the
-    accuracy it costs."""
+    accuracy it costs. `synops_penalty` adds lambda x that SNN's synaptic operations per image as a fraction
+    of the ANN's MACs: each spike weighted by the synapses it drives, so the penalty falls where the
+    operation energy is (in MobileNetV2 a bottleneck output's spike reaches 6 x its channels, an expanded
+    neuron's 9 synapses)."""
 
     epochs: int
     lr: float = 0.1
@@ -56,6 +61,7 @@ class TrainingConfig:
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
     spike_penalty: float = 0.0
+    synops_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -63,9 +69,16 @@ class TrainingConfig:
         if not self.lr > 0:
             raise ValueError(f"the learning rate must be positive, got {self.lr}")
         # A negative weight would reward spikes; NaN would pass every comparison below
-        if not (math.isfinite(self.spike_penalty) and self.spike_penalty >= 0):
-            raise ValueError(f"spike_penalty must be a finite number >= 0 (the weight of the spikes per neuron "
-                             f"in the loss), got {self.spike_penalty}")
+        for name, term in (("spike_penalty", "the spikes per neuron"),
+                           ("synops_penalty", "the synaptic operations over the ANN's MACs")):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0 (the weight of {term} in the loss), "
+                                 f"got {value}")
+
+    @property
+    def penalised(self) -> bool:
+        return self.spike_penalty > 0 or self.synops_penalty > 0
 
 
 def _saved_settings(saved: dict[str, Any]) -> dict[str, Any]:
@@ -136,16 +149,25 @@ class _SpikeCount:
     trains with (floor as the identity; none at level 0 or at the top level, where the clamp's gradient is
     zero), so a penalty on it reaches theta and the weights. Divided by the neurons, one `spike_penalty`
     means the same on networks of any size. Only training-mode calls count: `accuracy` runs the same graph
-    in eval mode."""
+    in eval mode.
+
+    In a traced graph (finetune's) each quantizer's spikes are also weighted by the synapses one spike
+    drives: the dense MACs per image of the weighted layers it feeds (through any op but another quantizer)
+    over its neurons, the mean fan-out (exact but at a padded convolution's borders). Their sum over the
+    graph's dense MACs per image is the synops ratio: the SNN's synaptic operations over the ANN's MACs,
+    which the operation-energy ratio is E_MAC / E_AC over (the dense first layer aside)."""
 
     def __init__(self, module: nn.Module, differentiable: bool):
         self.differentiable = differentiable
-        self._handles = [q.register_forward_hook(self._count) for q in _quantizers(module).values()]
+        quantizers = _quantizers(module)
+        self.counting = bool(quantizers)
+        self._handles = [q.register_forward_hook(partial(self._count, name)) for name, q in quantizers.items()]
+        self._consumers = _synaptic_consumers(module) if isinstance(module, fx.GraphModule) else None
+        self._dense_macs: dict[str, float] = {}
+        if self._consumers is not None:
+            self._handles += [layer.register_forward_hook(partial(self._measure, name))
+                              for name, layer in module.named_modules() if isinstance(layer, WEIGHTED)]
         self._clear()
-
-    @property
-    def counting(self) -> bool:
-        return bool(self._handles)
 
     def __enter__(self) -> _SpikeCount:
         return self
@@ -156,25 +178,63 @@ class _SpikeCount:
             handle.remove()
 
     def _clear(self) -> None:
-        self._levels: torch.Tensor | float = 0.0
-        self._neurons = self._samples = 0
+        self._levels: dict[str, torch.Tensor] = {}
+        self._neurons: dict[str, int] = {}
+        self._samples = 0
 
-    def _count(self, quantizer: QCFSQuantizer, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+    def _measure(self, name: str, layer: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if name not in self._dense_macs:
+            self._dense_macs[name] = float(fan_out(layer, inputs[0].shape[1:]).sum())
+
+    def _count(self, name: str, quantizer: QCFSQuantizer, inputs: tuple[torch.Tensor, ...],
+               output: torch.Tensor) -> None:
         if not quantizer.training or quantizer.observer is not None:
             return
         # Without a penalty the count is only recorded: no graph for it
         with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
-            self._levels = self._levels + (output / quantizer.step).abs().sum()
-        self._neurons += output[0].numel()
+            self._levels[name] = (output / quantizer.step).abs().sum()
+        self._neurons[name] = output[0].numel()
         self._samples = output.shape[0]
 
-    def take(self) -> torch.Tensor:
-        """Spikes per neuron and image of the forward passes since the last `take`."""
-        if self._neurons == 0:
+    def take(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Spikes per neuron and image of the forward pass since the last `take`, and the synops ratio
+        (None outside a traced graph)."""
+        if not self._levels:
             raise RuntimeError("no quantizer ran in training mode since the last count")
-        mean = self._levels / (self._samples * self._neurons)
+        spikes = sum(self._levels.values()) / (self._samples * sum(self._neurons.values()))
+        synops = None
+        if self._consumers is not None:
+            operations = sum(levels * sum(self._dense_macs[layer] for layer in self._consumers[name])
+                             / self._neurons[name] for name, levels in self._levels.items())
+            synops = operations / (self._samples * sum(self._dense_macs.values()))
         self._clear()
-        return mean
+        return spikes, synops
+
+
+def _synaptic_consumers(graph: fx.GraphModule) -> dict[str, list[str]]:
+    """For each quantizer of a traced graph, the weighted layers its spikes reach: through any op but
+    another quantizer (pooling, reshaping, a residual sum)."""
+    modules = dict(graph.named_modules())
+
+    def module_of(node: fx.Node) -> nn.Module | None:
+        return modules[node.target] if node.op == "call_module" else None
+
+    consumers = {}
+    for node in graph.graph.nodes:
+        if not isinstance(module_of(node), QCFSQuantizer):
+            continue
+        reached, frontier, seen = [], list(node.users), set()
+        while frontier:
+            user = frontier.pop()
+            if user in seen:
+                continue
+            seen.add(user)
+            if isinstance(module_of(user), WEIGHTED):
+                reached.append(user.target)
+            elif not isinstance(module_of(user), QCFSQuantizer):
+                frontier.extend(user.users)
+        consumers[node.target] = reached
+    return consumers
 
 
 def accuracy(module: nn.Module, loader: Iterable[Any]) -> float:
@@ -218,17 +278,20 @@ def fit(module: nn.Module, train_loader: Iterable[Any], config: TrainingConfig, 
         log: Callable[[str], None] = print) -> list[dict[str, float]]:
     """Train `module` in place; returns one history entry per epoch (loss, train and eval accuracy, time).
     `loss` is the cross-entropy; a module with QCFS quantizers also records `spikes_per_neuron`, the mean
-    spike term (see `_SpikeCount`), whatever `config.spike_penalty`; the loss minimised is
-    loss + spike_penalty x spikes_per_neuron.
+    spike term, and a traced one `synops_ratio` (see `_SpikeCount`), whatever the penalties; the loss
+    minimised is loss + spike_penalty x spikes_per_neuron + synops_penalty x synops_ratio.
 
     With `state_path`, the full training state (weights, optimizer, schedule, epoch, random state) is
     written there atomically after every epoch, and a run that finds the file resumes from it.
 
     On CPU, the module and image batches train channels-last: oneDNN's depthwise and pointwise convolutions
     are about twice as fast in that layout (MobileNetV2, one thread); the results are the same."""
-    if config.spike_penalty > 0 and not _quantizers(module):
-        raise ValueError("spike_penalty needs QCFS quantizers: it penalises the spikes of the quantized "
-                         "network's SNN (fine-tune with qbits)")
+    if config.penalised and not _quantizers(module):
+        raise ValueError("spike_penalty and synops_penalty need QCFS quantizers: they penalise the spikes of "
+                         "the quantized network's SNN (fine-tune with qbits)")
+    if config.synops_penalty > 0 and not isinstance(module, fx.GraphModule):
+        raise ValueError("synops_penalty needs a traced quantization-aware graph (finetune's): it follows each "
+                         "quantizer's spikes to the layers they feed")
     device = device_of(module)
     memory_format = torch.channels_last if device.type == "cpu" else torch.preserve_format
     module.to(memory_format=memory_format)
@@ -249,13 +312,13 @@ def fit(module: nn.Module, train_loader: Iterable[Any], config: TrainingConfig, 
         torch.set_rng_state(state["rng"])
         history = state["history"]
         log(f"resuming from {state_path} after epoch {len(history)}")
-    with _SpikeCount(module, differentiable=config.spike_penalty > 0) as spikes:
+    with _SpikeCount(module, differentiable=config.penalised) as spikes:
         for epoch in range(len(history), config.epochs):
             if hasattr(train_loader, "set_epoch"):
                 train_loader.set_epoch(epoch)
             module.train()
             started = time.perf_counter()
-            loss_sum = spike_sum = correct = seen = 0.0
+            loss_sum = spike_sum = synops_sum = correct = seen = 0.0
             batches = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
                            disable=not progress, leave=False)
             for batch in batches:
@@ -264,12 +327,16 @@ def fit(module: nn.Module, train_loader: Iterable[Any], config: TrainingConfig, 
                     inputs = inputs.contiguous(memory_format=memory_format)
                 logits = module(inputs)
                 loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
-                objective = loss
+                objective, synops_term = loss, None
                 if spikes.counting:
-                    spike_term = spikes.take()
+                    spike_term, synops_term = spikes.take()
                     spike_sum += spike_term.item() * len(labels)
+                    if synops_term is not None:
+                        synops_sum += synops_term.item() * len(labels)
                     if config.spike_penalty > 0:
-                        objective = loss + config.spike_penalty * spike_term
+                        objective = objective + config.spike_penalty * spike_term
+                    if config.synops_penalty > 0:
+                        objective = objective + config.synops_penalty * synops_term
                 if not torch.isfinite(objective):
                     raise FloatingPointError(f"epoch {epoch + 1}: the loss became {objective.item()}; "
                                              f"lower the learning rate")
@@ -281,10 +348,13 @@ def fit(module: nn.Module, train_loader: Iterable[Any], config: TrainingConfig, 
                 correct += (logits.argmax(1) == labels).sum().item()
                 seen += len(labels)
                 batches.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
-                                    **({"spikes": f"{spike_sum / seen:.3f}"} if spikes.counting else {}))
+                                    **({"spikes": f"{spike_sum / seen:.3f}"} if spikes.counting else {}),
+                                    **({"synops": f"{synops_sum / seen:.3f}"} if synops_term is not None else {}))
             entry = {"epoch": epoch + 1, "loss": loss_sum / seen}
             if spikes.counting:
                 entry["spikes_per_neuron"] = spike_sum / seen
+                if isinstance(module, fx.GraphModule):
+                    entry["synops_ratio"] = synops_sum / seen
             entry |= {"train_accuracy": 100 * correct / seen, "seconds": time.perf_counter() - started}
             if eval_loader is not None:
                 entry["eval_accuracy"] = accuracy(module, eval_loader)
