@@ -63,7 +63,8 @@ def _signed(bursts: int) -> dict[str, Any]:
 
 def _resnet20_points() -> list[Point]:
     q4, q2 = "models/resnet20-q4.pt", "models/resnet20-q2.pt"
-    sparse = {"spike penalty 0.1": "models/resnet20-q4-sp01.pt", "spike penalty 0.25": "models/resnet20-q4-sp025.pt"}
+    sparse = {"spike penalty 0.1": "models/resnet20-q4-sp01.pt", "spike penalty 0.25": "models/resnet20-q4-sp025.pt",
+              "spike penalty 0.4, 8 epochs": "models/resnet20-q4-sp04.pt"}
     points = [Point(f"4 bits, if, T={T}", q4, {}, T) for T in (16, 32, 64)]
     points += [Point(f"4 bits, adaptive, T={T}", q4, {"neuron": "adaptive"}, T) for T in (32,)]
     points += [Point(f"4 bits, signed k=2, T={T}", q4, _signed(2), T) for T in (8, 16)]
@@ -84,7 +85,9 @@ def _mobilenet_points() -> list[Point]:
     return [*(Point(f"4 bits, if, T={T}", q4, {}, T) for T in (16, 32)),
             Point("4 bits, signed k=4, T=8", q4, _signed(4), 8),
             Point("4 bits, signed k=15, T=1", q4, _signed(15), 1),
-            Point("4 bits, signed k=15, T=1, pruned 30%", q4, _signed(15), 1, prune=0.3)]
+            Point("4 bits, signed k=15, T=1, pruned 30%", q4, _signed(15), 1, prune=0.3),
+            *(Point(f"4 bits, quantized streams, {name}signed k=15, T=1", checkpoint, _signed(15), 1)
+              for name, checkpoint in (("spike penalty 0.5, ", "models/mobilenet_v2-q4-streams.pt"),))]
 
 
 FAMILIES = {
