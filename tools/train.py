@@ -27,6 +27,7 @@ from ann2snn.compiler.convert import quantize  # noqa: E402
 from ann2snn.io.data import open_dataset, shared_dir  # noqa: E402
 from ann2snn.io.model_loading import Preprocessing, load_model, save_checkpoint  # noqa: E402
 from ann2snn.training.batches import TensorBatches, decode_images  # noqa: E402
+from ann2snn.training.bit_allocation import read_qbits_config  # noqa: E402
 from ann2snn.training.finetune import TrainingConfig, accuracy, finetune, train  # noqa: E402
 from ann2snn.zoo import build_model  # noqa: E402
 
@@ -40,6 +41,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help='constructor arguments as JSON, e.g. \'{"width_mult": 0.5}\'')
     parser.add_argument("--qbits", type=int,
                         help="fine-tune with QCFS quantizers of this many bits (default: plain ANN)")
+    parser.add_argument("--qbits-config", type=Path, metavar="FILE",
+                        help='with --qbits: JSON mapping of activation names, "first" and "last" to their own bits '
+                             "(`ann2snn analyze` lists the names); --qbits gives the others")
     parser.add_argument("--per-channel", action="store_true", help="one learnable threshold per channel")
     parser.add_argument("--quantize-streams", action="store_true",
                         help="with --qbits: also quantize, symmetrically, the linear values convolutions read "
@@ -68,6 +72,15 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.qbits_config is not None:
+        if args.qbits is None:
+            parser.error("--qbits-config needs --qbits: the bits of the activations it does not name")
+        try:
+            args.bits = {**read_qbits_config(args.qbits_config), "default": args.qbits}
+        except (OSError, ValueError) as error:
+            parser.error(f"--qbits-config: {error}")
+    else:
+        args.bits = args.qbits
     if args.quantize_streams and args.qbits is None:
         parser.error("--quantize-streams needs --qbits: it adds quantizers to the quantization-aware network")
     for option in ("spike_penalty", "synops_penalty"):
@@ -118,14 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.qbits is None:
         result = train(model, train_loader, config, **fit_options)
     else:
-        result = finetune(model, train_loader, qbits=args.qbits, per_channel=args.per_channel,
+        result = finetune(model, train_loader, qbits=args.bits, per_channel=args.per_channel,
                           quantize_streams=args.quantize_streams, config=config, **fit_options)
     training = {"command": " ".join(["python", "tools/train.py", *(argv if argv is not None else sys.argv[1:])]),
                 "init": str(args.init) if args.init else None, "epochs": args.epochs,
                 "spike_penalty": args.spike_penalty, "synops_penalty": args.synops_penalty, "history": result.history,
                 "device": str(device), "eval_accuracy_ann": accuracy(result.model, eval_loader)}
     if args.qbits is not None:
-        qann = quantize(result.model, None, args.qbits, thresholds=result.thresholds,
+        qann = quantize(result.model, None, args.bits, thresholds=result.thresholds,
                         quantize_streams=args.quantize_streams)
         training["eval_accuracy_qann"] = accuracy(qann, eval_loader)
     weights = result.model.half() if args.half else result.model

@@ -94,7 +94,7 @@ class Trained:
     fine-tuning, the learned thresholds to convert it with."""
 
     model: nn.Module
-    qbits: int | None
+    qbits: QBits | None
     thresholds: dict[str, torch.Tensor] | None
     history: list[dict[str, float]] = field(default_factory=list)
     quantize_streams: bool = False

@@ -10,6 +10,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from ann2snn import ConversionError, convert, quantize
 from ann2snn.cli.main import main
@@ -17,7 +18,7 @@ from ann2snn.compiler.passes import trace
 from ann2snn.compiler.quantizer import QCFSQuantizer
 from ann2snn.evaluation.evaluate import EvaluationReport, evaluate
 from ann2snn.io.data import make_loader, mnist5k, open_dataset, stratified_subset
-from ann2snn.io.model_loading import load_model, save_checkpoint
+from ann2snn.io.model_loading import LoadedModel, Preprocessing, load_model, save_checkpoint
 from ann2snn.training.batches import TensorBatches
 from ann2snn.training.finetune import (
     TrainingConfig,
@@ -28,6 +29,7 @@ from ann2snn.training.finetune import (
     quantization_aware,
     train,
 )
+from ann2snn.workflow import checkpoint_config, convert_loaded
 from tests.networks import cnn
 
 
@@ -426,3 +428,27 @@ def test_synops_penalty_needs_a_traced_graph():
     with pytest.raises(ValueError, match="synops_penalty needs a traced quantization-aware graph"):
         fit(_one_quantizer_net(), [(torch.zeros(1, 4), torch.tensor([0]))],
             TrainingConfig(epochs=1, synops_penalty=1.0), progress=False, log=lambda _: None)
+
+
+def test_fine_tuning_at_per_layer_bits_converts_with_its_own_thresholds_at_those_bits(mnist, trained_ann):
+    # the first activation at 3 bits, the other at 2: the checkpoint entry keeps the mapping, and the conversion
+    # at the checkpoint's bits takes its thresholds (no recalibration) and reproduces its QANN in one step
+    bits = {"first": 3, "default": 2}
+    batches = list(itertools.islice(iter(mnist[0]), 4))
+    torch.manual_seed(0)
+    result = finetune(trained_ann, batches, qbits=bits, progress=False, log=lambda _: None,
+                      config=TrainingConfig(epochs=1, lr=0.01))
+    assert result.quantization["qbits"] == bits
+    assert sorted(q.levels for q in quantize(result.model, None, bits, thresholds=result.thresholds).modules()
+                  if isinstance(q, QCFSQuantizer)) == [3, 7]
+    loaded = LoadedModel(result.model, "small_cnn", {}, Preprocessing([0.13], [0.31], [1, 28, 28]), "argument",
+                         result.quantization)
+    images, labels = (torch.cat(parts) for parts in zip(*batches))
+    notes = []
+    snn, _ = convert_loaded(loaded, TensorDataset(images, labels),
+                            checkpoint_config(loaded, T=1, neuron="signed", max_spikes_per_step=7), log=notes.append)
+    assert notes == []
+    qann = quantize(result.model, None, bits, thresholds=result.thresholds)
+    with torch.no_grad():
+        expected = qann(images[:100])
+    torch.testing.assert_close(snn.simulate(images[:100], T_list=[1]).outputs[1], expected, atol=1e-4, rtol=1e-4)
