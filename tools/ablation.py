@@ -22,10 +22,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from shared_subsets import calibration_inputs, test_batches  # noqa: E402
+
 import ann2snn  # noqa: E402
 from ann2snn.config import ConversionConfig  # noqa: E402
 from ann2snn.evaluation.statistics import accuracy_interval  # noqa: E402
-from ann2snn.io.data import ListFileDataset, make_loader, shared_dir, stratified_subset  # noqa: E402
+from ann2snn.io.data import shared_dir  # noqa: E402
 from ann2snn.io.model_loading import load_model  # noqa: E402
 
 PLAIN = {"threshold_levels": "bits", "snn_calibration": "none", "readout_delay": 0.0, "per_channel": False}
@@ -63,16 +65,10 @@ def main() -> None:
     T_list = [int(T) for T in args.T_list.split(",")]
     torch.set_num_threads(1)
 
-    subsets = shared_dir() / "data" / "cifar10" / "subsets"
     model_file = args.model or shared_dir() / "models" / "resnet20-cifar10.th"
     loaded = load_model(model_file, arch=args.arch)
-    transform = loaded.preprocessing.transform()
-    calibration = [x for x, _ in make_loader(ListFileDataset(subsets / "train-calib-512.txt", transform=transform),
-                                             128)]
-    test = ListFileDataset(subsets / "test-1000.txt", transform=transform)
-    if args.eval_size:
-        test = stratified_subset(test, args.eval_size, seed=0)
-    batches = list(make_loader(test, 250))
+    calibration = calibration_inputs(loaded.preprocessing)
+    batches = test_batches(loaded.preprocessing, args.eval_size)
     images = sum(len(y) for _, y in batches)
     base = dict(args.base)
     fine_tuned = loaded.quantization is not None and not base.pop("recalibrate", False)

@@ -26,10 +26,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from shared_subsets import subset_file, test_batches  # noqa: E402
+
 import ann2snn  # noqa: E402
 from ann2snn.evaluation.energy import ENERGY_PRESETS, memory_energy  # noqa: E402
 from ann2snn.evaluation.statistics import accuracy_interval  # noqa: E402
-from ann2snn.io.data import ListFileDataset, make_loader, shared_dir, stratified_subset  # noqa: E402
 from ann2snn.io.model_loading import load_model  # noqa: E402
 from ann2snn.training.finetune import accuracy  # noqa: E402
 from ann2snn.workflow import Execution, Pruning, convert_checkpoint  # noqa: E402
@@ -98,17 +99,9 @@ OPERATIONS = "operations"
 MEMORY_PRESET_SHOWN = "int8-45nm"  # the figure's second panel: the preset most favourable to either network
 
 
-def _test_batches(preprocessing, eval_size: int | None) -> list[Any]:
-    test = ListFileDataset(shared_dir() / "data" / "cifar10" / "subsets" / "test-1000.txt",
-                           transform=preprocessing.transform())
-    if eval_size:
-        test = stratified_subset(test, eval_size, seed=0)
-    return list(make_loader(test, 250))
-
-
 def measure_reference(family: Family, eval_size: int | None) -> dict[str, Any]:
     loaded = load_model(ROOT / family.ann)
-    batches = _test_batches(loaded.preprocessing, eval_size)
+    batches = test_batches(loaded.preprocessing, eval_size)
     images = sum(len(labels) for _, labels in batches)
     percent = accuracy(loaded.model, batches)
     return {"checkpoint": family.ann, "images": images, "accuracy": percent,
@@ -116,11 +109,11 @@ def measure_reference(family: Family, eval_size: int | None) -> dict[str, Any]:
 
 
 def measure(point: Point, eval_size: int | None) -> dict[str, Any]:
-    calibration = str(shared_dir() / "data" / "cifar10" / "subsets" / "train-calib-512.txt")
+    calibration = str(subset_file("train-calib-512"))
     conversion = convert_checkpoint(ROOT / point.checkpoint, calib=calibration, T=point.T,
                                     pruning=Pruning(point.prune) if point.prune else None,
                                     execution=Execution(progress=False), **point.settings)
-    batches = _test_batches(conversion.preprocessing, eval_size)
+    batches = test_batches(conversion.preprocessing, eval_size)
     report = ann2snn.evaluate(conversion.snn, batches, [point.T], ann=conversion.ann,
                               stop_when_quiet=point.stops_when_quiet)
     T = point.T

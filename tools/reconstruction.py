@@ -18,10 +18,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from shared_subsets import calibration_inputs, test_batches  # noqa: E402
+
 import ann2snn  # noqa: E402
 from ann2snn.compiler.passes.reconstruct_blocks import RECONSTRUCTIONS  # noqa: E402
 from ann2snn.evaluation.statistics import accuracy_interval  # noqa: E402
-from ann2snn.io.data import ListFileDataset, make_loader, shared_dir, stratified_subset  # noqa: E402
+from ann2snn.io.data import shared_dir  # noqa: E402
 from ann2snn.io.model_loading import load_model  # noqa: E402
 from ann2snn.training.finetune import accuracy  # noqa: E402
 
@@ -36,19 +38,13 @@ def main() -> None:
     parser.add_argument("--eval-size", type=int, help="a stratified subset of test-1000")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    subsets = shared_dir() / "data" / "cifar10" / "subsets"
     print(f"torch {torch.__version__}, ann2snn {ann2snn.__version__}, {torch.get_num_threads()} thread")
     print("| model | ANN | bits | reconstruction | QANN (95 % interval) | quantize s |")
     print("|---|---|---|---|---|---|")
     for name in args.models.split(","):
         loaded = load_model(shared_dir() / "models" / MODELS[name])
-        transform = loaded.preprocessing.transform()
-        calibration = [x for x, _ in make_loader(ListFileDataset(subsets / "train-calib-512.txt",
-                                                                 transform=transform), 128)]
-        test = ListFileDataset(subsets / "test-1000.txt", transform=transform)
-        if args.eval_size:
-            test = stratified_subset(test, args.eval_size, seed=0)
-        batches = list(make_loader(test, 250))
+        calibration = calibration_inputs(loaded.preprocessing)
+        batches = test_batches(loaded.preprocessing, args.eval_size)
         images = sum(len(y) for _, y in batches)
         ann = accuracy(loaded.model, batches)
         for bits in (int(bits) for bits in args.bits.split(",")):
