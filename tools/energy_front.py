@@ -87,8 +87,8 @@ def _mobilenet_points() -> list[Point]:
             Point("4 bits, signed k=4, T=8", q4, _signed(4), 8),
             Point("4 bits, signed k=15, T=1", q4, _signed(15), 1),
             Point("4 bits, signed k=15, T=1, pruned 30%", q4, _signed(15), 1, prune=0.3),
-            *(Point(f"4 bits, quantized streams, {name}signed k=15, T=1", checkpoint, _signed(15), 1)
-              for name, checkpoint in (("spike penalty 0.5, ", "models/mobilenet_v2-q4-streams.pt"),))]
+            Point("4 bits, quantized streams, spike penalty 0.5, signed k=15, T=1",
+                  "models/mobilenet_v2-q4-streams.pt", _signed(15), 1)]
 
 
 FAMILIES = {

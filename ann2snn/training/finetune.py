@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ann2snn.compiler.convert import prepare_pipeline
+from ann2snn.compiler.graph_utils import is_module
 from ann2snn.compiler.ops import WEIGHTED
 from ann2snn.compiler.pass_manager import PassManager
 from ann2snn.compiler.passes import calibrate_thresholds, insert_quantizers
@@ -164,10 +165,14 @@ class _SpikeCount:
         self._handles = [q.register_forward_hook(partial(self._count, name)) for name, q in quantizers.items()]
         self._consumers = _synaptic_consumers(module) if isinstance(module, fx.GraphModule) else None
         self._dense_macs: dict[str, float] = {}
-        if self._consumers is not None:
+        if self.counts_synops:
             self._handles += [layer.register_forward_hook(partial(self._measure, name))
                               for name, layer in module.named_modules() if isinstance(layer, WEIGHTED)]
         self._clear()
+
+    @property
+    def counts_synops(self) -> bool:
+        return self._consumers is not None
 
     def __enter__(self) -> _SpikeCount:
         return self
@@ -203,7 +208,7 @@ class _SpikeCount:
             raise RuntimeError("no quantizer ran in training mode since the last count")
         spikes = sum(self._levels.values()) / (self._samples * sum(self._neurons.values()))
         synops = None
-        if self._consumers is not None:
+        if self.counts_synops:
             operations = sum(levels * sum(self._dense_macs[layer] for layer in self._consumers[name])
                              / self._neurons[name] for name, levels in self._levels.items())
             synops = operations / (self._samples * sum(self._dense_macs.values()))
@@ -214,14 +219,9 @@ class _SpikeCount:
 def _synaptic_consumers(graph: fx.GraphModule) -> dict[str, list[str]]:
     """For each quantizer of a traced graph, the weighted layers its spikes reach: through any op but
     another quantizer (pooling, reshaping, a residual sum)."""
-    modules = dict(graph.named_modules())
-
-    def module_of(node: fx.Node) -> nn.Module | None:
-        return modules[node.target] if node.op == "call_module" else None
-
     consumers = {}
     for node in graph.graph.nodes:
-        if not isinstance(module_of(node), QCFSQuantizer):
+        if not is_module(graph, node, QCFSQuantizer):
             continue
         reached, frontier, seen = [], list(node.users), set()
         while frontier:
@@ -229,9 +229,9 @@ def _synaptic_consumers(graph: fx.GraphModule) -> dict[str, list[str]]:
             if user in seen:
                 continue
             seen.add(user)
-            if isinstance(module_of(user), WEIGHTED):
+            if is_module(graph, user, WEIGHTED):
                 reached.append(user.target)
-            elif not isinstance(module_of(user), QCFSQuantizer):
+            elif not is_module(graph, user, QCFSQuantizer):
                 frontier.extend(user.users)
         consumers[node.target] = reached
     return consumers
@@ -353,7 +353,7 @@ def fit(module: nn.Module, train_loader: Iterable[Any], config: TrainingConfig, 
             entry = {"epoch": epoch + 1, "loss": loss_sum / seen}
             if spikes.counting:
                 entry["spikes_per_neuron"] = spike_sum / seen
-                if isinstance(module, fx.GraphModule):
+                if spikes.counts_synops:
                     entry["synops_ratio"] = synops_sum / seen
             entry |= {"train_accuracy": 100 * correct / seen, "seconds": time.perf_counter() - started}
             if eval_loader is not None:
