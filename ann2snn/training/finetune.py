@@ -165,6 +165,7 @@ class _SpikeCount:
         self._handles = [q.register_forward_hook(partial(self._count, name)) for name, q in quantizers.items()]
         self._consumers = _synaptic_consumers(module) if isinstance(module, fx.GraphModule) else None
         self._dense_macs: dict[str, float] = {}
+        self._mean_fan_out: dict[str, float] = {}
         if self.counts_synops:
             self._handles += [layer.register_forward_hook(partial(self._measure, name))
                               for name, layer in module.named_modules() if isinstance(layer, WEIGHTED)]
@@ -201,6 +202,13 @@ class _SpikeCount:
         self._neurons[name] = output[0].numel()
         self._samples = output.shape[0]
 
+    def _synapses_per_spike(self, quantizer: str) -> float:
+        # fixed once the first forward pass has measured every layer: the shapes do not change in training
+        if quantizer not in self._mean_fan_out:
+            self._mean_fan_out[quantizer] = sum(
+                self._dense_macs[layer] for layer in self._consumers[quantizer]) / self._neurons[quantizer]
+        return self._mean_fan_out[quantizer]
+
     def take(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Spikes per neuron and image of the forward pass since the last `take`, and the synops ratio
         (None outside a traced graph)."""
@@ -209,8 +217,7 @@ class _SpikeCount:
         spikes = sum(self._levels.values()) / (self._samples * sum(self._neurons.values()))
         synops = None
         if self.counts_synops:
-            operations = sum(levels * sum(self._dense_macs[layer] for layer in self._consumers[name])
-                             / self._neurons[name] for name, levels in self._levels.items())
+            operations = sum(levels * self._synapses_per_spike(name) for name, levels in self._levels.items())
             synops = operations / (self._samples * sum(self._dense_macs.values()))
         self._clear()
         return spikes, synops
